@@ -1,0 +1,81 @@
+"""Every tunable of dcpio in one place, each with an environment override.
+
+Defaults come from measurements on the project's reference machine (2 cores, 24 GiB, virtio disk); see the README's
+benchmark table. Read a knob through its function so that an environment change made after import still counts.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "checksum_block_size",
+    "default_io_threads",
+    "max_bytes_in_flight",
+    "max_metadata_bytes",
+    "max_record_header_bytes",
+    "retry_attempts",
+    "retry_max_seconds",
+    "s3_part_size",
+]
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as err:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer; unset it or give a number") from err
+    if value <= 0:
+        raise ValueError(f"environment variable {name}={raw!r} must be positive")
+    return value
+
+
+def default_io_threads() -> int:
+    """Threads used when ``thread_count`` is left unset (``DCPIO_IO_THREADS``).
+
+    Measured here: two threads saturate both a tmpfs and the virtio disk, since pwrite/pread and the checksum
+    release the GIL; more threads add contention on a 2-core machine. On bigger machines we cap at 8.
+    """
+    cores = os.cpu_count() or 2
+    return _int_env("DCPIO_IO_THREADS", max(2, min(8, cores)))
+
+
+def checksum_block_size() -> int:
+    """Bytes covered by one checksum (``DCPIO_CHECKSUM_BLOCK``); a partial read verifies whole blocks.
+
+    1 MiB keeps a resharding read within a few percent of the bytes it needs and costs 8 bytes of metadata a MiB.
+    """
+    return _int_env("DCPIO_CHECKSUM_BLOCK", 1 << 20)
+
+
+def max_bytes_in_flight() -> int:
+    """Upper bound of bytes staged in memory by the I/O engine at once (``DCPIO_MAX_INFLIGHT``)."""
+    return _int_env("DCPIO_MAX_INFLIGHT", 256 << 20)
+
+
+def max_metadata_bytes() -> int:
+    """Largest ``.metadata`` file dcpio agrees to parse (``DCPIO_MAX_METADATA_BYTES``)."""
+    return _int_env("DCPIO_MAX_METADATA_BYTES", 1 << 30)
+
+
+def max_record_header_bytes() -> int:
+    """Largest per-item header (zip records, pickle, safetensors JSON) dcpio parses (``DCPIO_MAX_HEADER_BYTES``)."""
+    return _int_env("DCPIO_MAX_HEADER_BYTES", 100 << 20)
+
+
+def s3_part_size() -> int:
+    """Bytes per ranged GET / multipart chunk on object stores (``DCPIO_S3_PART_SIZE``)."""
+    return _int_env("DCPIO_S3_PART_SIZE", 16 << 20)
+
+
+def retry_attempts() -> int:
+    """Attempts for one remote request before a transient failure is final (``DCPIO_RETRY_ATTEMPTS``)."""
+    return _int_env("DCPIO_RETRY_ATTEMPTS", 6)
+
+
+def retry_max_seconds() -> int:
+    """Total seconds one remote request may spend in retries (``DCPIO_RETRY_MAX_SECONDS``)."""
+    return _int_env("DCPIO_RETRY_MAX_SECONDS", 60)

@@ -1,0 +1,249 @@
+"""The byte movers' contract: everything dcpio needs from a storage backend, and nothing about checkpoints.
+
+The protocol classes (writer, reader) speak DCP; a byte mover only creates, appends, reads ranges, renames, lists and
+removes. A local disk, an fsspec store and an in-memory store differ only below this seam.
+
+:class:`FileSystemBase` keeps torch's abstract interface (``create_stream``, ``concat_path``, ``init_path``,
+``rename``, ``mkdir``, ``validate_checkpoint_id``, ``exists``, ``rm_file``, ``ls``) so code written against torch's
+class keeps working, and adds the fast paths the I/O engine uses: an append handle that takes a list of buffers
+(zero-copy from tensor memory), and a read handle that fills a caller's buffer from a byte range.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Generator, Sequence
+from contextlib import contextmanager
+from typing import IO, Any, cast
+
+from torch.distributed.checkpoint.filesystem import FileSystemBase as _TorchFileSystemBase
+
+from dcpio.errors import CorruptCheckpointError
+
+__all__ = ["FileSystemBase", "ReadHandle", "StreamReadHandle", "StreamWriteHandle", "WriteHandle"]
+
+PathLike = str | os.PathLike[str]
+
+
+class WriteHandle(ABC):
+    """An open file being written front to back."""
+
+    path: str
+
+    @abstractmethod
+    def write(self, buffers: Sequence[memoryview]) -> int:
+        """Append every buffer, in order; return the number of bytes written."""
+
+    @abstractmethod
+    def tell(self) -> int:
+        """Bytes written so far."""
+
+    @abstractmethod
+    def sync(self) -> None:
+        """Make the bytes durable (fsync where the store has it; a no-op where a close is the commit)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Finish the file. For object stores this is where the object becomes visible."""
+
+    def abort(self) -> None:
+        """Give up on the file: close what can be closed, never raise. The caller removes the file."""
+        try:
+            self.close()
+        except Exception:  # an abort runs on an error path already being reported
+            pass
+
+
+class ReadHandle(ABC):
+    """An open file read by byte ranges, safe to share between threads."""
+
+    path: str
+
+    @abstractmethod
+    def size(self) -> int:
+        """The file's length in bytes."""
+
+    @abstractmethod
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``[offset, offset + len(buf))``; raise if the file ends before."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        self.readinto(offset, memoryview(out))
+        return bytes(out)
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the handle."""
+
+
+def _truncated(path: str, offset: int, want: int, got: int) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path}: file ends early: wanted bytes [{offset}, {offset + want}) but only {got} could be read. "
+        "The file is truncated or was replaced; restore it from a good copy or save the checkpoint again."
+    )
+
+
+class StreamWriteHandle(WriteHandle):
+    """A :class:`WriteHandle` over any writable binary stream (the fallback for ``create_stream`` backends)."""
+
+    def __init__(self, path: str, stream: IO[bytes], closer: Any = None) -> None:
+        self.path = path
+        self._stream = stream
+        self._closer = closer
+        self._written = 0
+
+    def write(self, buffers: Sequence[memoryview]) -> int:
+        n = 0
+        for b in buffers:
+            self._stream.write(b)
+            n += len(b)
+        self._written += n
+        return n
+
+    def tell(self) -> int:
+        return self._written
+
+    def sync(self) -> None:
+        self._stream.flush()
+        fileno = getattr(self._stream, "fileno", None)
+        if fileno is None:
+            return
+        try:
+            os.fsync(fileno())
+        except (OSError, io.UnsupportedOperation, AttributeError):
+            # object-store streams have no descriptor: their close() is the durability point
+            pass
+
+    def close(self) -> None:
+        if self._closer is not None:
+            closer, self._closer = self._closer, None
+            closer.__exit__(None, None, None)
+        else:
+            self._stream.close()
+
+
+class StreamReadHandle(ReadHandle):
+    """A :class:`ReadHandle` over a seekable binary stream; a lock serialises seek+read between threads."""
+
+    def __init__(self, path: str, stream: IO[bytes], closer: Any = None) -> None:
+        self.path = path
+        self._stream = stream
+        self._closer = closer
+        self._lock = threading.Lock()
+        self._size: int | None = None
+
+    def size(self) -> int:
+        if self._size is None:
+            with self._lock:
+                self._size = self._stream.seek(0, io.SEEK_END)
+        return self._size
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        want = len(buf)
+        got = 0
+        with self._lock:
+            self._stream.seek(offset)
+            while got < want:
+                readinto = getattr(self._stream, "readinto", None)
+                if readinto is not None:
+                    n = readinto(buf[got:])
+                else:
+                    chunk = self._stream.read(want - got)
+                    n = len(chunk)
+                    buf[got : got + n] = chunk
+                if not n:
+                    raise _truncated(self.path, offset, want, got)
+                got += n
+
+    def close(self) -> None:
+        if self._closer is not None:
+            closer, self._closer = self._closer, None
+            closer.__exit__(None, None, None)
+
+
+class FileSystemBase(_TorchFileSystemBase):
+    """Abstract byte mover. Subclasses implement torch's stream interface; the fast paths have fallbacks.
+
+    Capability flags tell the I/O engine what the store can do well:
+
+    * ``supports_parallel_reads``: several threads may read ranges of one file at once.
+    * ``supports_atomic_rename``: ``rename`` replaces the target atomically (POSIX). Object stores commit by
+      writing the metadata object last instead; see :mod:`dcpio.integrity.commit`.
+    """
+
+    supports_parallel_reads: bool = True
+    supports_atomic_rename: bool = True
+
+    @contextmanager
+    @abstractmethod
+    def create_stream(self, path: PathLike, mode: str) -> Generator[io.IOBase, None, None]: ...
+
+    @abstractmethod
+    def ls(self, path: PathLike) -> list[str]:
+        """Full paths of the entries directly under ``path``."""
+
+    def open_writer(self, path: PathLike) -> WriteHandle:
+        """Create (or truncate) ``path`` for appending."""
+        cm = self.create_stream(path, "wb")
+        stream = cm.__enter__()
+        return StreamWriteHandle(str(path), cast(IO[bytes], stream), closer=cm)
+
+    def open_reader(self, path: PathLike) -> ReadHandle:
+        """Open ``path`` for range reads."""
+        cm = self.create_stream(path, "rb")
+        stream = cm.__enter__()
+        return StreamReadHandle(str(path), cast(IO[bytes], stream), closer=cm)
+
+    def read_file(self, path: PathLike, limit: int) -> bytes:
+        """The whole of a small file, refusing one larger than ``limit`` bytes."""
+        handle = self.open_reader(path)
+        try:
+            size = handle.size()
+            if size > limit:
+                raise CorruptCheckpointError(
+                    f"{path}: {size} bytes, more than the {limit}-byte cap for this kind of file; "
+                    "it is not what dcpio wrote. Raise DCPIO_MAX_METADATA_BYTES only if you trust it."
+                )
+            return handle.read(0, size)
+        finally:
+            handle.close()
+
+    def write_file_atomic(self, path: PathLike, data: bytes, sync: bool) -> None:
+        """Publish ``data`` at ``path`` all at once: readers see the old content or the new, never a mix."""
+        tmp = f"{path}.tmp"
+        handle = self.open_writer(tmp)
+        try:
+            handle.write([memoryview(data)])
+            if sync:
+                handle.sync()
+            handle.close()
+        except BaseException:
+            handle.abort()
+            self.remove_quietly(tmp)
+            raise
+        self.replace(tmp, path)
+        if sync:
+            self.sync_dir(os.path.dirname(str(path)))
+
+    def replace(self, path: PathLike, new_path: PathLike) -> None:
+        """Rename ``path`` over ``new_path``, replacing it."""
+        self.rename(path, new_path)
+
+    def sync_dir(self, path: PathLike) -> None:
+        """Make a directory's entries durable; a no-op where the store has no directories."""
+
+    def remove_quietly(self, path: PathLike) -> None:
+        """Remove ``path`` if it exists, ignoring a file that is already gone."""
+        try:
+            if self.exists(path):
+                self.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    def local_root(self, path: PathLike) -> str | None:
+        """The real local directory behind ``path``, or None for a remote store (used for symlink checks)."""
+        return None
