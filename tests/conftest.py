@@ -1,5 +1,5 @@
-"""Shared fixtures. Helpers live in ``helpers.py`` (importable by stock-torch subprocesses); the most used ones are
-re-exported here and offered as fixtures."""
+"""Shared fixtures. Helpers live in ``helpers.py`` (importable by stock-torch subprocesses); the most used
+ones are re-exported here and offered as fixtures."""
 
 from __future__ import annotations
 

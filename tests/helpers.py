@@ -1,8 +1,8 @@
 """Shared helpers for dcpio's tests: state dicts covering every dtype, bit-exact comparison, a stock-torch
 subprocess runner and a multi-process gloo launcher.
 
-This module never imports dcpio, so a stock-torch child process may import it (``sys.path`` gets this directory)
-to rebuild the same deterministic state dicts without pulling dcpio in.
+This module never imports dcpio, so a stock-torch child process may import it (``sys.path`` gets this
+directory) to rebuild the same deterministic state dicts without pulling dcpio in.
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Comparison
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,7 @@ def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
 def bitwise_equal(a: object, b: object) -> bool:
     """True when ``a`` and ``b`` are tensors of the same dtype and shape whose elements have the same bytes.
 
-    Compares raw bytes, so NaN payloads, negative zeros and dtypes without ``==`` (float8, uint64...) all count.
+    Compares raw bytes, so NaN payloads, negative zeros and dtypes without ``==`` (float8, uint64...) count.
     Strides and storage offsets do not matter: a transposed view equals its contiguous copy.
     """
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
@@ -112,7 +112,7 @@ def _describe(x: object) -> str:
 
 
 def assert_tree_equal(expected: object, actual: object, path: str = "") -> None:
-    """Assert two nested state dicts are equal: tensors bit for bit, containers by structure, the rest by ``==``.
+    """Assert nested state dicts are equal: tensors bit for bit, containers by structure, the rest by ``==``.
 
     Raises:
         AssertionError: naming the first differing key path.
@@ -144,9 +144,9 @@ def assert_tree_equal(expected: object, actual: object, path: str = "") -> None:
         raise AssertionError(f"{where}: expected {_describe(expected)}, got {_describe(actual)}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # State dicts
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -260,7 +260,7 @@ def _sentinel_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def template_like(sd: object) -> Any:
-    """A load destination shaped like ``sd``: contiguous tensors full of a sentinel byte, non-tensors set to None."""
+    """A load destination shaped like ``sd``: contiguous tensors of a sentinel byte, other leaves None."""
     if isinstance(sd, torch.Tensor):
         return _sentinel_like(sd)
     if isinstance(sd, Mapping):
@@ -273,13 +273,13 @@ def template_like(sd: object) -> Any:
     return None
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Errors
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def dcp_failures(exc: BaseException) -> list[BaseException]:
-    """The per-rank exceptions inside torch's ``CheckpointException`` (which is a BaseException), else ``[exc]``."""
+    """The per-rank exceptions inside torch's ``CheckpointException`` (a BaseException), else ``[exc]``."""
     failures = getattr(exc, "failures", None)
     if isinstance(failures, dict) and failures:
         return [pair[0] for pair in failures.values()]
@@ -287,7 +287,7 @@ def dcp_failures(exc: BaseException) -> list[BaseException]:
 
 
 def exception_chain(exc: BaseException) -> list[BaseException]:
-    """``exc``, the per-rank exceptions inside torch's CheckpointException, and every ``__cause__``/``__context__``."""
+    """``exc``, the per-rank errors in torch's CheckpointException, every ``__cause__``/``__context__``."""
     out: list[BaseException] = []
     todo: list[BaseException] = [exc]
     while todo:
@@ -302,9 +302,9 @@ def exception_chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Subprocesses
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 _STOCK_PROLOGUE = textwrap.dedent(
     f"""
@@ -426,16 +426,16 @@ def spawn_ranks(
     Args:
         world_size: number of ranks.
         target: ``"module:function"`` (module importable from the tests directory), called as
-            ``function(rank, world_size, *args)`` after the process group is up; or a path to a ``.py`` script,
-            run with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` set and ``args`` as argv, which sets up
-            its own process group.
+            ``function(rank, world_size, *args)`` after the process group is up; or a path to a ``.py``
+            script, run with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` set and ``args`` as argv,
+            which sets up its own process group.
         args: JSON-serialisable arguments.
         tmp_path: where the ranks' logs go.
         timeout: seconds for the whole launch.
         env: extra environment variables.
 
     Raises:
-        AssertionError: any rank failed or the launch timed out; the message has every failed rank's traceback.
+        AssertionError: a rank failed or the launch timed out; the message has every rank's traceback.
     """
     log_dir = Path(tmp_path) / f"rank_logs_{time.monotonic_ns()}"
     log_dir.mkdir(parents=True)
@@ -496,7 +496,8 @@ def spawn_ranks(
         ]
         for rank, p in enumerate(procs):
             parts.append(
-                f"=== rank {rank}: exit {p.returncode} ===\n--- stdout ---\n{outs[rank]}\n--- stderr ---\n{errs[rank]}"
+                f"=== rank {rank}: exit {p.returncode} ===\n--- stdout ---\n{outs[rank]}\n"
+                f"--- stderr ---\n{errs[rank]}"
             )
         raise AssertionError("\n".join(parts))
     return outs

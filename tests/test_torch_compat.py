@@ -29,9 +29,9 @@ def _assert_all_ok(result: dict[str, str], expected_cases: list[str]) -> None:
     assert not failed, "\n\n".join(f"--- {k} ---\n{v}" for k, v in failed.items())
 
 
-# ------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # (a) dcpio writes, stock torch reads
-# ------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 _DCPIO_WRITER_CASES: dict[str, dict[str, Any]] = {
     "default": {},
@@ -82,9 +82,9 @@ def test_dcpio_checkpoints_load_with_stock_torch_reader(tmp_path: Path) -> None:
     _assert_all_ok(_parse_result(stdout), [c[0] for c in cases])
 
 
-# ------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # (b) stock torch writes, dcpio reads
-# ------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 _STOCK_WRITER_CASES: dict[str, str] = {
     "default": "",
@@ -129,9 +129,9 @@ def test_stock_torch_checkpoints_load_with_dcpio_reader(tmp_path: Path) -> None:
                 raise AssertionError(f"stock case {name} (reader threads={threads}): {err}") from err
 
 
-# ------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # (c) stock torch's SAFETENSORS serialization format
-# ------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _safetensors_sd(seed: int) -> dict[str, Any]:
@@ -173,12 +173,14 @@ try:
     dcp.load(out, storage_reader=FileSystemReader({cases[0][1]!r}))
     print("STOCK_READER ok")
 except BaseException as err:
-    print("STOCK_READER failed " + json.dumps(traceback.format_exception_only(type(err), err)[-1].strip()[:300]))
+    last = traceback.format_exception_only(type(err), err)[-1].strip()
+    print("STOCK_READER failed " + json.dumps(last[:300]))
 
 # torch's safetensors writer and a non-contiguous tensor
 try:
     x = torch.arange(12, dtype=torch.float32).reshape(3, 4)
-    dcp.save({{"t": x.t()}}, storage_writer=FileSystemWriter({str(root / "noncontig")!r}, serialization_format=ST))
+    w = FileSystemWriter({str(root / "noncontig")!r}, serialization_format=ST)
+    dcp.save({{"t": x.t()}}, storage_writer=w)
     print("STOCK_NONCONTIG ok")
 except BaseException as err:
     print("STOCK_NONCONTIG failed " + json.dumps(str(err)[-300:]))
@@ -191,7 +193,7 @@ except BaseException as err:
 def test_stock_safetensors_format_loads_with_dcpio(
     stock_safetensors_checkpoints: dict[str, Any], case: str
 ) -> None:
-    (name, path, seed, _kw) = next(c for c in stock_safetensors_checkpoints["cases"] if c[0] == case)
+    (_name, path, seed, _kw) = next(c for c in stock_safetensors_checkpoints["cases"] if c[0] == case)
     expected = _safetensors_sd(seed)
     for threads in (1, 3):
         out = template_like(expected)
@@ -202,7 +204,7 @@ def test_stock_safetensors_format_loads_with_dcpio(
 def test_stock_reader_cannot_load_stock_safetensors_format(
     stock_safetensors_checkpoints: dict[str, Any],
 ) -> None:
-    """Documents the gap dcpio fills: torch 2.13's own reader fails on its own SAFETENSORS-format checkpoints."""
+    """Documents the gap dcpio fills: torch 2.13's reader fails on its own SAFETENSORS-format checkpoints."""
     line = next(
         ln for ln in stock_safetensors_checkpoints["stdout"].splitlines() if ln.startswith("STOCK_READER")
     )
