@@ -1,0 +1,447 @@
+"""What the tools read: a DCP checkpoint (local or fsspec URL), a Hugging Face safetensors folder, a
+torch.save file.
+
+Every tool goes through :func:`open_source`, which recognises the kind of checkpoint at a path and returns a
+:class:`Source`: a list of entries (name, tensor or object, dtype, shape) and a way to load one entry at a
+time. Loading one entry at a time is what keeps ``diff`` and ``convert`` bounded by the largest tensor, not
+the checkpoint.
+
+DCP entries are read through dcpio's own reader (checksums verified) driven item by item with a tiny planner,
+so a damaged file shows up as a :class:`dcpio.CheckpointError` naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from dcpio.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
+
+__all__ = [
+    "DcpSource",
+    "Entry",
+    "HfSource",
+    "ProgressFn",
+    "Source",
+    "TorchFileSource",
+    "is_url",
+    "open_source",
+]
+
+#: ``progress(description, completed, total)``: cumulative units (bytes unless said otherwise).
+ProgressFn = Callable[[str, int, int], None]
+
+_RANK_RE = re.compile(r"^__(\d+)_")
+
+
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """True for an fsspec URL (``memory://``, ``s3://`` ...); ``file://`` counts as a URL too."""
+    return "://" in str(path)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``float32``."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing a checkpoint holds.
+
+    Attributes:
+        name: the flattened name (``model.layers.0.weight``; optimizer state as
+        ``optim.state.<fqn>.exp_avg``). kind: ``"tensor"`` or ``"object"`` (a non-tensor value: a step count,
+        a string, a small dict). dtype: the tensor's dtype (``None`` for objects).
+        shape: the tensor's global shape (``None`` for objects).
+    """
+
+    name: str
+    kind: str
+    dtype: torch.dtype | None = None
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the full tensor's elements (0 for objects)."""
+        if self.dtype is None or self.shape is None:
+            return 0
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class Source:
+    """A checkpoint opened for reading, one entry at a time."""
+
+    kind: str = ""
+    path: str = ""
+
+    def entries(self) -> list[Entry]:
+        """Every entry, in the checkpoint's own order."""
+        raise NotImplementedError
+
+    def load(self, name: str) -> Any:
+        """The full value of entry ``name``: a CPU tensor, or the object for a non-tensor entry."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release files and handles."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -------------------------------------------------------------------------------------------------------- DCP
+class _ItemPlanner(LoadPlanner):
+    """A planner that loads exactly the read items it is given into the buffers it is given.
+
+    The reader calls ``resolve_tensor`` / ``commit_tensor`` per tensor piece and ``load_bytes`` per object;
+    we keep the destination buffers ourselves, so the reader is driven one item (or one chunk) at a time.
+    """
+
+    def __init__(self, dest: dict[str, torch.Tensor]) -> None:
+        self.dest = dest
+        self.blobs: dict[str, bytes] = {}
+
+    def set_up_planner(
+        self, state_dict: Any, metadata: Metadata | None = None, is_coordinator: bool = False
+    ) -> None:
+        return None
+
+    def create_local_plan(self) -> LoadPlan:
+        return LoadPlan([])
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        self.blobs[read_item.dest_index.fqn] = value.getvalue()
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        tensor = self.dest[read_item.dest_index.fqn]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            tensor = tensor.narrow(dim, start, length)
+        return tensor
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        return None
+
+
+def make_reader(path: str) -> Any:
+    """dcpio's reader for ``path`` (checksums on): :class:`dcpio.FsspecReader` for URLs, else the local
+    one."""
+    import dcpio
+
+    if is_url(path):
+        reader_cls = getattr(dcpio, "FsspecReader", None)
+        if reader_cls is None:
+            raise CheckpointError(
+                f"{path}: this dcpio build has no fsspec reader (dcpio.FsspecReader); use a local path"
+            )
+        return reader_cls(path)
+    reader_cls = getattr(dcpio, "FileSystemReader", None)
+    if reader_cls is None:  # the core has not landed in this checkout: fall back to torch's reader
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return FileSystemReader(path)
+    return reader_cls(path)
+
+
+class DcpSource(Source):
+    """A torch.distributed.checkpoint directory read through dcpio's reader."""
+
+    kind = "dcp"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.reader = make_reader(path)
+        self.metadata: Metadata = self.reader.read_metadata()
+        self.reader.set_up_storage_reader(self.metadata, True)
+        self._mapping = self.metadata.planner_data if isinstance(self.metadata.planner_data, dict) else {}
+
+    # -- structure
+    def entries(self) -> list[Entry]:
+        out = []
+        for name, md in self.metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                out.append(Entry(name, "tensor", md.properties.dtype, tuple(int(s) for s in md.size)))
+            else:
+                out.append(Entry(name, "object"))
+        return out
+
+    def storage_info(self) -> dict[MetadataIndex, Any]:
+        """``MetadataIndex -> _StorageInfo`` (file, offset, length, transforms, dcpio checksum)."""
+        data = self.metadata.storage_data
+        return data if isinstance(data, dict) else {}
+
+    def object_path(self, name: str) -> tuple[Any, ...]:
+        """Where ``name`` sat in the nested state dict that was saved (from the planner's flatten mapping)."""
+        path = self._mapping.get(name)
+        return tuple(path) if path else (name,)
+
+    def files_of(self, name: str) -> list[str]:
+        """Relative paths of the data files holding pieces of ``name``."""
+        return sorted({info.relative_path for idx, info in self.storage_info().items() if idx.fqn == name})
+
+    # -- reading
+    def _run(self, items: list[ReadItem], planner: _ItemPlanner) -> None:
+        plan = self.reader.prepare_local_plan(LoadPlan(items))
+        plan = self.reader.prepare_global_plan([plan])[0]
+        self.reader.read_data(plan, planner).wait()
+
+    def load_chunk(self, name: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
+        """One saved chunk of tensor ``name``, as stored (memory: the chunk only)."""
+        md = self.metadata.state_dict_metadata[name]
+        if not isinstance(md, TensorStorageMetadata):
+            raise TypeError(f"{name} is not a tensor")
+        buf = torch.empty(tuple(chunk.sizes), dtype=md.properties.dtype)
+        local = ChunkStorageMetadata(offsets=torch.Size(chunk.offsets), sizes=torch.Size(chunk.sizes))
+        items = create_read_items_for_chunk_list(name, md, [local])
+        self._run(items, _ItemPlanner({name: buf}))
+        return buf
+
+    def load_blob(self, name: str) -> bytes:
+        """The raw stored bytes of a non-tensor entry (a torch.save'd object), not unpickled."""
+        idx = MetadataIndex(name)
+        item = ReadItem(
+            type=LoadItemType.BYTE_IO,
+            dest_index=idx,
+            dest_offsets=torch.Size((0,)),
+            storage_index=idx,
+            storage_offsets=torch.Size((0,)),
+            lengths=torch.Size((0,)),
+        )
+        planner = _ItemPlanner({})
+        self._run([item], planner)
+        if name not in planner.blobs:
+            raise CorruptCheckpointError(f"{self.path}: the reader returned nothing for object {name!r}")
+        return planner.blobs[name]
+
+    def load(self, name: str) -> Any:
+        md = self.metadata.state_dict_metadata[name]
+        if isinstance(md, BytesStorageMetadata):
+            return decode_object(self.load_blob(name), f"{self.path}:{name}")
+        return self.load_into(name, torch.empty(tuple(md.size), dtype=md.properties.dtype))
+
+    def load_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read the full tensor ``name`` into ``out`` (same shape and dtype; e.g. a memory-mapped tensor)."""
+        md = self.metadata.state_dict_metadata[name]
+        if not isinstance(md, TensorStorageMetadata):
+            raise TypeError(f"{name} is not a tensor")
+        if tuple(out.shape) != tuple(md.size) or out.dtype != md.properties.dtype:
+            raise ValueError(
+                f"{name}: destination is {out.dtype} {list(out.shape)}, the checkpoint holds "
+                f"{md.properties.dtype} {list(md.size)}"
+            )
+        if out.numel() == 0:
+            return out
+        whole = ChunkStorageMetadata(offsets=torch.Size([0] * out.dim()), sizes=torch.Size(out.shape))
+        items = create_read_items_for_chunk_list(name, md, [whole])
+        self._run(items, _ItemPlanner({name: out}))
+        return out
+
+
+def decode_object(blob: bytes, where: str) -> Any:
+    """Unpickle a DCP object entry with ``weights_only=True``: plain data only, no code runs."""
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except (
+        Exception
+    ) as err:  # torch raises UnpicklingError, RuntimeError or ValueError for refused/odd payloads
+        raise CheckpointError(
+            f"{where}: this non-tensor value cannot be decoded safely (weights_only=True refused it: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}); it is left out"
+        ) from err
+
+
+# ------------------------------------------------------------------------------------------------ safetensors
+def read_safetensors_header(path: str) -> Any:
+    """Parse and validate a safetensors file's header (no tensor data read): a ``SafetensorsHeader``."""
+    from dcpio.formats.safetensors import parse_header
+    from dcpio.movers import FileSystem
+
+    handle = FileSystem().open_reader(path)
+    try:
+        return parse_header(handle, None, path)
+    finally:
+        handle.close()
+
+
+class HfSource(Source):
+    """A folder of ``*.safetensors`` files (as written by transformers or dcpio's HF writer), or one such
+    file."""
+
+    kind = "hf"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if os.path.isdir(path):
+            self.files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        else:
+            self.files = [path]
+        self._where: dict[str, tuple[str, Any]] = {}
+        self._order: list[str] = []
+        self.headers: dict[str, Any] = {}
+        for file in self.files:
+            header = read_safetensors_header(file)
+            self.headers[file] = header
+            for name in header.tensors:
+                if name not in self._where:
+                    self._order.append(name)
+                self._where[name] = (file, header)
+
+    def entries(self) -> list[Entry]:
+        out = []
+        for name in self._order:
+            _, header = self._where[name]
+            entry = header.tensors[name]
+            out.append(Entry(name, "tensor", entry.torch_dtype, tuple(int(s) for s in entry.torch_shape)))
+        return out
+
+    def file_of(self, name: str) -> str:
+        return self._where[name][0]
+
+    def stored_bytes(self, name: str) -> int:
+        return int(self._where[name][1].tensors[name].nbytes)
+
+    def load(self, name: str) -> torch.Tensor:
+        return self.load_mmap(name).clone()
+
+    def load_mmap(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` backed by a private read-only mapping of its file: pages load on use, never
+        copied."""
+        file, header = self._where[name]
+        entry = header.tensors[name]
+        shape = tuple(int(s) for s in entry.torch_shape)
+        if entry.nbytes == 0:
+            return torch.empty(shape, dtype=entry.torch_dtype)
+        storage = torch.UntypedStorage.from_file(file, shared=False, nbytes=int(header.file_size))
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
+        start, length = header.absolute(name)
+        return raw[start : start + length].view(entry.torch_dtype).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------------- torch.save
+def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield ``(dotted.name, leaf)`` for nested dicts and lists, the way DCP names flattened entries."""
+    if isinstance(obj, dict) and obj:
+        for k, v in obj.items():
+            yield from flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)) and obj and not isinstance(obj, torch.Size):
+        for i, v in enumerate(obj):
+            yield from flatten(v, f"{prefix}.{i}" if prefix else str(i))
+    else:
+        yield prefix, obj
+
+
+class TorchFileSource(Source):
+    """A file written by ``torch.save``, opened with ``weights_only=True`` and ``mmap=True`` (no copy, no
+    code)."""
+
+    kind = "torch"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # torch raises RuntimeError / UnpicklingError for damaged or unsafe files
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CorruptCheckpointError(
+                f"{path}: torch.load(weights_only=True) cannot read this file: {first}"
+            ) from err
+        self._leaves = dict(flatten(self.obj))
+
+    def entries(self) -> list[Entry]:
+        out = []
+        for name, v in self._leaves.items():
+            if isinstance(v, torch.Tensor):
+                out.append(Entry(name, "tensor", v.dtype, tuple(v.shape)))
+            else:
+                out.append(Entry(name, "object"))
+        return out
+
+    def load(self, name: str) -> Any:
+        return self._leaves[name]
+
+
+# ----------------------------------------------------------------------------------------------------- detect
+@dataclass
+class Detected:
+    """What :func:`detect` found at a path."""
+
+    kind: str  # "dcp", "hf", "torch"
+    path: str
+    notes: list[str] = field(default_factory=list)
+
+
+def detect(path: str) -> Detected:
+    """Decide what kind of checkpoint ``path`` is, or raise ``FileNotFoundError`` /
+    ``IncompleteCheckpointError``."""
+    if is_url(path):
+        return Detected("dcp", path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, f"{path}: no such file or directory", path)
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if ".metadata" in names:
+            return Detected("dcp", path)
+        if any(n.endswith(".safetensors") for n in names):
+            return Detected("hf", path)
+        if any(n.endswith(".distcp") or re.match(r"^__\d+\.metadata$", n) for n in names):
+            raise IncompleteCheckpointError(
+                f"{path}: data files are here but .metadata is missing: the save never committed, or the "
+                "file was deleted. Save the checkpoint again, or restore .metadata from a good copy."
+            )
+        raise IncompleteCheckpointError(
+            f"{path}: not a checkpoint (no .metadata, no *.safetensors); point at a DCP directory, a "
+            "Hugging Face folder or a torch.save file"
+        )
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return Detected("torch", path)
+    if path.endswith(".safetensors"):
+        return Detected("hf", path)
+    if os.path.basename(path) == ".metadata":
+        return Detected("dcp", os.path.dirname(path) or ".")
+    raise IncompleteCheckpointError(
+        f"{path}: not a recognised checkpoint file (neither a torch.save zip nor a .safetensors file)"
+    )
+
+
+def open_source(path: str | os.PathLike[str]) -> Source:
+    """Open whatever checkpoint lives at ``path`` for entry-by-entry reading."""
+    found = detect(str(path))
+    if found.kind == "dcp":
+        return DcpSource(found.path)
+    if found.kind == "hf":
+        return HfSource(found.path)
+    return TorchFileSource(found.path)
+
+
+def rank_of(relative_path: str) -> int | None:
+    """The rank encoded in a DCP data file name (``__3_0.distcp`` -> 3)."""
+    m = _RANK_RE.match(os.path.basename(relative_path))
+    return int(m.group(1)) if m else None
