@@ -196,13 +196,14 @@ def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None) ->
     done = 0
     if progress is not None:
         progress("verify", 0, total)
+    item_file: str | None
     for name, md in src.metadata.state_dict_metadata.items():
         if isinstance(md, BytesStorageMetadata):
             infos = by_fqn.get(name, [])
-            rel: str | None = infos[0].relative_path if infos else None
-            if rel in bad_files:
+            item_file = infos[0].relative_path if infos else None
+            if item_file in bad_files:
                 report.problems.append(
-                    Problem("missing-file", rel, name, f"object {name!r}: {rel} is missing")
+                    Problem("missing-file", item_file, name, f"object {name!r}: {item_file} is missing")
                 )
                 continue
             try:
@@ -210,23 +211,27 @@ def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None) ->
                 report.bytes_read += len(blob)
             except Exception as err:  # every failure of one item is reported and the scan goes on
                 report.problems.append(
-                    Problem(_classify(err), rel, name, f"object {name!r}: {_first_line(err)}")
+                    Problem(_classify(err), item_file, name, f"object {name!r}: {_first_line(err)}")
                 )
             done += sum(int(i.length) for i in infos)
         elif isinstance(md, TensorStorageMetadata):
             for chunk in md.chunks:
                 infos = by_chunk.get((name, tuple(chunk.offsets)), [])
-                rel: str | None = infos[0].relative_path if infos else None
+                item_file = infos[0].relative_path if infos else None
                 where = f"tensor {name!r} chunk at offsets {list(chunk.offsets)}"
-                if rel in bad_files:
-                    report.problems.append(Problem("missing-file", rel, name, f"{where}: {rel} is missing"))
+                if item_file in bad_files:
+                    report.problems.append(
+                        Problem("missing-file", item_file, name, f"{where}: {item_file} is missing")
+                    )
                     continue
                 try:
                     buf = src.load_chunk(name, chunk)
                     report.bytes_read += buf.numel() * buf.element_size()
                 except Exception as err:  # every failure of one chunk is reported and the scan goes on
                     report.problems.append(
-                        Problem(_classify(err), rel, name, f"{where} in {rel}: {_first_line(err)}")
+                        Problem(
+                            _classify(err), item_file, name, f"{where} in {item_file}: {_first_line(err)}"
+                        )
                     )
                 done += sum(int(i.length) for i in infos)
                 if progress is not None:
