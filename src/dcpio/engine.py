@@ -1,0 +1,444 @@
+"""The I/O engine: moves the bytes of every item of a save or load plan, in parallel, zero-copy where it can.
+
+The writer and reader (protocol classes) decide *what* goes *where*; this module does the moving:
+
+* **Save**: one task per data file on a bounded ``ThreadPoolExecutor``. Each tensor item is written as a
+  ``torch.save``-compatible record whose envelope dcpio builds itself (:mod:`dcpio.formats.torch_save`) around the
+  tensor's own memory, handed to ``os.writev`` unchanged; block checksums are computed on the same memory.
+* **Load**: requests are grouped by stored item; each group parses the item's header once, then reads only the byte
+  range each request needs (widened to checksum blocks), straight into the destination tensor when it is a
+  contiguous CPU tensor of the stored dtype, otherwise into a scratch buffer that is viewed and copied.
+
+Every worker exception reaches the caller: futures are awaited with ``.result()``; on a failed save every file the
+save created is removed before the first error is raised (the others are attached as notes).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlanner,
+    ReadItem,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import WriteResult
+
+from dcpio import knobs
+from dcpio.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError, PlanMismatchError
+from dcpio.formats.torch_save import ZIP_MAGIC, TensorRecord, encode_envelope, parse_tensor_item
+from dcpio.integrity.checksum import ATTRIBUTE, BlockChecksums, BlockHasher, verify_pieces
+from dcpio.movers.base import FileSystemBase, ReadHandle
+from dcpio.tensor_bytes import byte_view, is_dense_cpu
+from dcpio.transforms import apply_decode, encode
+
+__all__ = ["FileJob", "ReadOptions", "WriteOptions", "read_plan", "write_files"]
+
+
+# ======================================================================================================== save
+@dataclass(frozen=True)
+class FileJob:
+    """One data file of a save: its name inside the checkpoint, its full path, and the items it holds."""
+
+    relative_path: str
+    path: str
+    items: tuple[WriteItem, ...]
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    threads: int
+    sync: bool
+    extensions: Sequence[Any] = ()
+    serialization_format: str = "torch_save"
+    checksum_block: int = field(default_factory=knobs.checksum_block_size)
+
+
+def _item_name(index: MetadataIndex) -> str:
+    if index.offset is not None and any(index.offset):
+        return f"{index.fqn} (chunk at {list(index.offset)})"
+    return index.fqn
+
+
+def _cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return tensor
+
+
+def _write_one_file(fs: FileSystemBase, job: FileJob, planner: SavePlanner, opts: WriteOptions) -> list[WriteResult]:
+    from dcpio.formats import dcp_safetensors  # local: only the SAFETENSORS format needs it
+
+    handle = fs.open_writer(job.path)
+    results: list[WriteResult] = []
+    descriptors = [ext.get_descriptor() for ext in reversed(opts.extensions)] or None
+    safetensors_items: list[tuple[WriteItem, torch.Tensor]] = []
+    try:
+        # bytes items first, like torch, so a file's small objects sit together at its start
+        ordered = sorted(job.items, key=lambda it: it.type != WriteItemType.BYTE_IO)
+        for item in ordered:
+            data = planner.resolve_data(item)
+            keepalive: Any
+            if item.type == WriteItemType.BYTE_IO:
+                if not isinstance(data, io.BytesIO):
+                    raise CheckpointWriteError(
+                        f"{job.path}: planner returned {type(data).__name__} for bytes item '{item.index.fqn}'"
+                    )
+                keepalive = data
+                pieces: list[memoryview] = [data.getbuffer()]
+            else:
+                if not isinstance(data, torch.Tensor):
+                    raise CheckpointWriteError(
+                        f"{job.path}: planner returned {type(data).__name__} for tensor item '{item.index.fqn}'"
+                    )
+                tensor = _cpu_contiguous(data)
+                if opts.serialization_format == "safetensors":
+                    safetensors_items.append((item, tensor))
+                    continue
+                keepalive = tensor
+                head, tail = encode_envelope(tensor.dtype, tuple(tensor.shape))
+                pieces = [memoryview(head), byte_view(tensor), memoryview(tail)]
+            if opts.extensions:
+                pieces = [memoryview(p) for p in encode(opts.extensions, pieces)]
+            offset = handle.tell()
+            hasher = BlockHasher(offset, opts.checksum_block)
+            for piece in pieces:
+                hasher.update(piece)
+            length = handle.write(pieces)
+            del keepalive
+            info = _StorageInfo(job.relative_path, offset, length, transform_descriptors=descriptors)
+            setattr(info, ATTRIBUTE, hasher.finish().to_record())
+            results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=info))
+        if safetensors_items:
+            results += dcp_safetensors.write_blob(handle, job.relative_path, safetensors_items, opts.checksum_block)
+        if opts.sync:
+            handle.sync()
+        handle.close()
+    except BaseException:
+        handle.abort()
+        raise
+    return results
+
+
+def write_files(fs: FileSystemBase, jobs: Sequence[FileJob], planner: SavePlanner, opts: WriteOptions) -> list[WriteResult]:
+    """Write every job's file; on any failure remove all of this save's files and raise the first error."""
+    results: list[WriteResult] = []
+    errors: list[BaseException] = []
+    if not jobs:
+        return results
+    with ThreadPoolExecutor(max_workers=max(1, min(opts.threads, len(jobs))), thread_name_prefix="dcpio-w") as pool:
+        futures = [pool.submit(_write_one_file, fs, job, planner, opts) for job in jobs]
+        for job, fut in zip(jobs, futures):
+            try:
+                results += fut.result()
+            except BaseException as err:  # collected, the save is rolled back, then re-raised below
+                if not errors:
+                    for other in futures:
+                        other.cancel()
+                errors.append(_name_file(err, job.path))
+    if errors:
+        for job in jobs:
+            fs.remove_quietly(job.path)
+        first = errors[0]
+        for other in errors[1:]:
+            first.add_note(f"also failed: {type(other).__name__}: {other}")
+        raise first
+    return results
+
+
+def _name_file(err: BaseException, path: str) -> BaseException:
+    if isinstance(err, CheckpointError | OSError) or not isinstance(err, Exception):
+        return err
+    wrapped = CheckpointWriteError(f"{path}: writing failed: {type(err).__name__}: {err}")
+    wrapped.__cause__ = err
+    return wrapped
+
+
+# ======================================================================================================== load
+@dataclass(frozen=True)
+class ReadOptions:
+    threads: int
+    verify: bool
+    registry: Any
+    root: str
+
+
+@dataclass
+class _Group:
+    """All read requests that hit one stored item."""
+
+    info: _StorageInfo
+    requests: list[ReadItem] = field(default_factory=list)
+
+
+def _checksums(info: _StorageInfo, where: str) -> BlockChecksums | None:
+    record = getattr(info, ATTRIBUTE, None)
+    return None if record is None else BlockChecksums.from_record(record, where)
+
+
+def _read_verified(
+    handle: ReadHandle,
+    start: int,
+    stop: int,
+    dest: memoryview | None,
+    sums: BlockChecksums | None,
+    verify: bool,
+    where: str,
+) -> memoryview:
+    """Bytes ``[start, stop)`` of the file, into ``dest`` when given, checked against ``sums``."""
+    if dest is None:
+        dest = memoryview(bytearray(stop - start))
+    if not verify or sums is None:
+        handle.readinto(start, dest)
+        return dest
+    lo, hi = sums.widen(start, stop)
+    if lo > start or hi < stop:
+        raise CorruptCheckpointError(
+            f"{where}: bytes [{start}, {stop}) lie outside the checksummed range [{sums.base}, {sums.end}); "
+            "the metadata is inconsistent with the file"
+        )
+    lead = memoryview(bytearray(start - lo))
+    trail = memoryview(bytearray(hi - stop))
+    for off, buf in ((lo, lead), (start, dest), (stop, trail)):
+        if len(buf):
+            handle.readinto(off, buf)
+    verify_pieces(sums, [(lo, lead), (start, dest), (stop, trail)], handle.path, where)
+    return dest
+
+
+def _c_strides(size: Sequence[int]) -> list[int]:
+    strides = [1] * len(size)
+    for d in range(len(size) - 2, -1, -1):
+        strides[d] = strides[d + 1] * max(size[d + 1], 1)
+    return strides
+
+
+def _load_tensor_group(
+    fs: FileSystemBase,
+    path: str,
+    group: _Group,
+    targets: dict[int, torch.Tensor],
+    opts: ReadOptions,
+    handles: Callable[[str], ReadHandle],
+) -> None:
+    info = group.info
+    fqn = group.requests[0].storage_index.fqn
+    where = f"{info.relative_path}: tensor '{_item_name(group.requests[0].storage_index)}'"
+    sums = _checksums(info, where)
+    handle = handles(path)
+    base = info.offset
+
+    if info.transform_descriptors:
+        stored = _read_verified(handle, base, base + info.length, None, sums, opts.verify, where)
+        raw = apply_decode(opts.registry, info.transform_descriptors, bytes(stored))
+        if not raw.startswith(ZIP_MAGIC):
+            raise CorruptCheckpointError(f"{where}: decoded item is not a torch.save record")
+        rec = parse_tensor_item(lambda o, n: raw[o : o + n], len(raw), where)
+        whole = torch.frombuffer(bytearray(raw[rec.data_offset : rec.data_offset + rec.data_length]), dtype=torch.uint8) \
+            if rec.data_length else torch.empty(0, dtype=torch.uint8)
+        for req in group.requests:
+            _copy_from_storage(whole, rec, req, targets[id(req)], where)
+        return
+
+    magic = handle.read(base, min(4, max(info.length, 0))) if info.length >= 4 else b""
+    if magic == ZIP_MAGIC:
+        if base + info.length > handle.size():
+            raise CorruptCheckpointError(
+                f"{where}: the item spans bytes [{base}, {base + info.length}) but {path} has {handle.size()} bytes; "
+                "the file is truncated. Restore it or load an earlier checkpoint."
+            )
+        rec = parse_tensor_item(lambda o, n: handle.read(base + o, n), info.length, where)
+        data_base = base + rec.data_offset
+    else:
+        from dcpio.formats import dcp_safetensors
+
+        rec, data_base = dcp_safetensors.locate(handle, info, fqn, where)
+    for req in group.requests:
+        _read_request(handle, rec, data_base, req, targets[id(req)], sums, opts.verify, where)
+
+
+def _check_box(rec: TensorRecord, req: ReadItem, target: torch.Tensor, where: str) -> None:
+    if len(req.storage_offsets) != len(rec.size) or any(
+        o + n > s for o, n, s in zip(req.storage_offsets, req.lengths, rec.size)
+    ):
+        raise PlanMismatchError(
+            f"{where}: the load asks for offsets {list(req.storage_offsets)} lengths {list(req.lengths)} but the "
+            f"stored chunk has shape {list(rec.size)}; the metadata and the data file disagree"
+        )
+    if tuple(target.shape) != tuple(req.lengths):
+        raise PlanMismatchError(
+            f"{where}: destination has shape {list(target.shape)}, the plan reads {list(req.lengths)}; "
+            "the state dict's tensor does not match the checkpoint"
+        )
+
+
+def _copy_from_storage(whole: torch.Tensor, rec: TensorRecord, req: ReadItem, target: torch.Tensor, where: str) -> None:
+    """Copy the requested box out of a fully-read storage (``whole``: uint8) into ``target``."""
+    _check_box(rec, req, target, where)
+    typed = whole.view(rec.dtype) if whole.numel() else torch.empty(0, dtype=rec.dtype)
+    view = typed.as_strided(rec.size, rec.stride, rec.storage_offset) if math.prod(rec.size) else torch.empty(
+        rec.size, dtype=rec.dtype
+    )
+    for d, (o, n) in enumerate(zip(req.storage_offsets, req.lengths)):
+        view = view.narrow(d, o, n)
+    target.copy_(view)
+
+
+def _read_request(
+    handle: ReadHandle,
+    rec: TensorRecord,
+    data_base: int,
+    req: ReadItem,
+    target: torch.Tensor,
+    sums: BlockChecksums | None,
+    verify: bool,
+    where: str,
+) -> None:
+    _check_box(rec, req, target, where)
+    count = math.prod(req.lengths)
+    if count == 0:
+        return
+    item = rec.dtype.itemsize
+    if not rec.is_c_contiguous:
+        # written by torch with its original strides: read the whole storage, view it as saved
+        buf = _read_verified(handle, data_base, data_base + rec.data_length, None, sums, verify, where)
+        _copy_from_storage(torch.frombuffer(buf, dtype=torch.uint8), rec, req, target, where)
+        return
+    strides = _c_strides(rec.size)
+    first = rec.storage_offset + sum(o * s for o, s in zip(req.storage_offsets, strides))
+    last = rec.storage_offset + sum((o + n - 1) * s for o, n, s in zip(req.storage_offsets, req.lengths, strides))
+    start, stop = data_base + first * item, data_base + (last + 1) * item
+    if stop - data_base > rec.data_length:
+        raise CorruptCheckpointError(f"{where}: requested bytes reach past the stored tensor")
+    contiguous_box = (last + 1 - first) == count
+    if contiguous_box and target.dtype == rec.dtype and is_dense_cpu(target):
+        _read_verified(handle, start, stop, byte_view(target), sums, verify, where)
+        return
+    buf = _read_verified(handle, start, stop, None, sums, verify, where)
+    span = torch.frombuffer(buf, dtype=torch.uint8).view(rec.dtype)
+    view = span.as_strided(tuple(req.lengths), tuple(strides), 0)
+    target.copy_(view)
+
+
+def _load_bytes_group(path: str, group: _Group, opts: ReadOptions, handles: Callable[[str], ReadHandle]) -> bytes:
+    info = group.info
+    where = f"{info.relative_path}: item '{group.requests[0].storage_index.fqn}'"
+    handle = handles(path)
+    if info.offset + info.length > handle.size():
+        raise CorruptCheckpointError(
+            f"{where}: the item spans bytes [{info.offset}, {info.offset + info.length}) but the file has "
+            f"{handle.size()} bytes; it is truncated. Restore it or load an earlier checkpoint."
+        )
+    stored = _read_verified(handle, info.offset, info.offset + info.length, None, _checksums(info, where), opts.verify,
+                            where)
+    data = bytes(stored)
+    if info.transform_descriptors:
+        data = apply_decode(opts.registry, info.transform_descriptors, data)
+    return data
+
+
+class _HandleCache:
+    """One open read handle per file, shared by the threads (positional reads need no per-thread state)."""
+
+    def __init__(self, fs: FileSystemBase) -> None:
+        import threading
+
+        self._fs = fs
+        self._lock = threading.Lock()
+        self._open: dict[str, ReadHandle] = {}
+
+    def __call__(self, path: str) -> ReadHandle:
+        with self._lock:
+            handle = self._open.get(path)
+            if handle is None:
+                handle = self._fs.open_reader(path)
+                self._open[path] = handle
+            return handle
+
+    def close(self) -> None:
+        for handle in self._open.values():
+            handle.close()
+        self._open.clear()
+
+
+def read_plan(
+    fs: FileSystemBase,
+    items: Sequence[ReadItem],
+    storage_data: dict[MetadataIndex, Any],
+    planner: LoadPlanner,
+    opts: ReadOptions,
+    check_bytes: Callable[[ReadItem, bytes], None],
+) -> None:
+    """Serve every read item of a load plan; raises the first worker error after all workers stopped."""
+    # keyed by the stored item: in the SAFETENSORS layout many items share one (file, offset)
+    groups: dict[MetadataIndex, _Group] = {}
+    for req in items:
+        info = storage_data.get(req.storage_index)
+        if info is None:
+            raise PlanMismatchError(
+                f"{opts.root}: the checkpoint has no stored data for '{_item_name(req.storage_index)}'; it was "
+                "saved without this tensor/chunk. Check the state dict's keys against `dcpio inspect`."
+            )
+        group = groups.get(req.storage_index)
+        if group is None:
+            group = groups[req.storage_index] = _Group(info)
+        group.requests.append(req)
+
+    targets: dict[int, torch.Tensor] = {}
+    for group in groups.values():
+        for req in group.requests:
+            if req.type != LoadItemType.BYTE_IO:
+                targets[id(req)] = planner.resolve_tensor(req).detach()
+
+    # largest first so the long reads start early and the small ones fill the gaps
+    ordered = sorted(groups.values(), key=lambda g: g.info.length, reverse=True)
+    handles = _HandleCache(fs)
+    errors: list[BaseException] = []
+    bytes_results: list[tuple[_Group, Future[bytes]]] = []
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, opts.threads), thread_name_prefix="dcpio-r") as pool:
+            futures: list[Future[Any]] = []
+            for group in ordered:
+                path = str(fs.concat_path(opts.root, group.info.relative_path))
+                if group.requests[0].type == LoadItemType.BYTE_IO:
+                    fut_b = pool.submit(_load_bytes_group, path, group, opts, handles)
+                    bytes_results.append((group, fut_b))
+                    futures.append(fut_b)
+                else:
+                    futures.append(pool.submit(_load_tensor_group, fs, path, group, targets, opts, handles))
+            for fut in futures:
+                try:
+                    fut.result()
+                except BaseException as err:  # every worker is awaited; errors are raised together below
+                    errors.append(err)
+    finally:
+        handles.close()
+    if errors:
+        first = errors[0]
+        for other in errors[1:]:
+            first.add_note(f"also failed: {type(other).__name__}: {other}")
+        raise first
+
+    for group, fut_b in bytes_results:
+        data = fut_b.result()
+        for req in group.requests:
+            check_bytes(req, data)
+            planner.load_bytes(req, io.BytesIO(data))
+    for group in groups.values():
+        for req in group.requests:
+            if req.type != LoadItemType.BYTE_IO:
+                planner.commit_tensor(req, targets[id(req)])

@@ -1,0 +1,413 @@
+"""The ``torch.save`` record format of one DCP tensor item, written straight from tensor memory.
+
+A ``torch.save`` file is a zip archive of *stored* (uncompressed) records: ``<name>/data.pkl`` (a small pickle
+that says dtype, shape, stride and which storage record holds the bytes), a few tiny records (``byteorder``,
+``version``...) and ``<name>/data/0`` (the raw tensor bytes, 64-byte aligned). dcpio writes the envelope (every
+byte before and after the tensor data) itself and hands the tensor's memory to ``os.writev`` unchanged, so a
+tensor costs its write and nothing else. ``torch.load`` reads the result as usual.
+
+The zip CRC-32 field of the data record is written as 0, as torch does with
+``torch.serialization.config.save.compute_crc32 = False``: ``torch.load`` never checks it and zlib's CRC-32
+runs at 3.8 GB/s here, slower than the disk. Integrity comes from dcpio's block checksums instead
+(:mod:`dcpio.integrity.checksum`), which cover every stored byte and are verified on load.
+
+Parsing goes the other way and treats the bytes as untrusted: the central directory is located from the end of the
+item, every offset is checked against the item's length, sizes are capped, the pickle is read by a restricted
+unpickler that only records what ``_rebuild_tensor_v2/_v3`` would be called with, and the tensor's extent is checked
+against its storage record.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dcpio.errors import CorruptCheckpointError, UnsafeCheckpointError
+from dcpio.knobs import max_record_header_bytes
+
+__all__ = ["ZIP_MAGIC", "TensorRecord", "encode_envelope", "parse_tensor_item"]
+
+ZIP_MAGIC = b"PK\x03\x04"
+_ALIGN = 64
+_PREFIX = "archive"
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_EOCD = struct.Struct("<IHHHHIIH")
+_EOCD64 = struct.Struct("<IQHHIIQQQQ")
+_LOCATOR64 = struct.Struct("<IIQI")
+_SIG_LOCAL, _SIG_CENTRAL, _SIG_EOCD = 0x04034B50, 0x02014B50, 0x06054B50
+_SIG_EOCD64, _SIG_LOCATOR64 = 0x06064B50, 0x07064B50
+_U32 = 0xFFFFFFFF
+_FLAG_UTF8 = 0x0800
+_PAD_TAG = 0x4246  # "FB": the padding extra field torch also uses; readers skip unknown extra tags
+
+# dtypes with a legacy typed-storage class pickle as _rebuild_tensor_v2(torch.<Name>Storage, ...); the rest as
+# _rebuild_tensor_v3(torch.storage.UntypedStorage, ..., dtype). Both are what torch.save itself emits.
+_LEGACY_STORAGE: dict[torch.dtype, str] = {
+    torch.uint8: "ByteStorage",
+    torch.int8: "CharStorage",
+    torch.int16: "ShortStorage",
+    torch.int32: "IntStorage",
+    torch.int64: "LongStorage",
+    torch.float16: "HalfStorage",
+    torch.float32: "FloatStorage",
+    torch.float64: "DoubleStorage",
+    torch.complex64: "ComplexFloatStorage",
+    torch.complex128: "ComplexDoubleStorage",
+    torch.bool: "BoolStorage",
+    torch.bfloat16: "BFloat16Storage",
+}
+_STORAGE_DTYPE = {name: dtype for dtype, name in _LEGACY_STORAGE.items()}
+
+
+# ----------------------------------------------------------------------------------------------------- writing
+def _pickle_atom(value: object) -> bytes:
+    # the opcodes pickle itself picks for an int/str, without the PROTO header and STOP
+    return pickle.dumps(value, protocol=2)[2:-1]
+
+
+def _pickle_tuple(values: tuple[int, ...]) -> bytes:
+    return b"(" + b"".join(_pickle_atom(v) for v in values) + b"t"
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _tensor_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    numel = 1
+    for s in shape:
+        numel *= s
+    stride = []
+    acc = 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= max(s, 1)
+    stride_t = tuple(reversed(stride))
+    legacy = _LEGACY_STORAGE.get(dtype)
+    if legacy is not None:
+        storage_type, count, rebuild = _global("torch", legacy), numel, "_rebuild_tensor_v2"
+        tail = b""
+    else:
+        storage_type, count, rebuild = _global("torch.storage", "UntypedStorage"), numel * dtype.itemsize, "_rebuild_tensor_v3"
+        tail = _global("torch", str(dtype).removeprefix("torch."))
+    persistent = b"(" + _pickle_atom("storage") + storage_type + _pickle_atom("0") + _pickle_atom("cpu")
+    persistent += _pickle_atom(count) + b"tQ"
+    body = persistent + _pickle_atom(0) + _pickle_tuple(shape) + _pickle_tuple(stride_t) + b"\x89"
+    body += _global("collections", "OrderedDict") + b")R" + tail
+    return b"\x80\x02" + _global("torch._utils", rebuild) + b"(" + body + b"tR."
+
+
+def _extra(zip64_sizes: int | None, pad_to: int | None, header_end: int) -> bytes:
+    """Extra field: optional zip64 sizes, then padding so the record's data starts ``pad_to``-aligned."""
+    extra = b""
+    if zip64_sizes is not None:
+        extra += struct.pack("<HHQQ", 0x0001, 16, zip64_sizes, zip64_sizes)
+    if pad_to:
+        pad = (-(header_end + len(extra))) % pad_to
+        if pad:
+            if pad < 4:
+                pad += pad_to
+            extra += struct.pack("<HH", _PAD_TAG, pad - 4) + b"Z" * (pad - 4)
+    return extra
+
+
+@dataclass
+class _Entry:
+    name: bytes
+    offset: int
+    size: int
+    crc: int
+
+
+def encode_envelope(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, bytes]:
+    """The bytes before and after the tensor's data for a C-contiguous tensor of ``dtype``/``shape``.
+
+    ``head + <numel * itemsize bytes of tensor data> + tail`` is a complete ``torch.save`` archive.
+    """
+    nbytes = dtype.itemsize
+    for s in shape:
+        nbytes *= s
+    small = [
+        ("data.pkl", _tensor_pickle(dtype, shape)),
+        (".format_version", b"1"),
+        (".storage_alignment", b"64"),
+        ("byteorder", b"little"),
+        ("version", b"3\n"),
+        (".data/serialization_id", b"0" * 40),
+    ]
+    head = bytearray()
+    entries: list[_Entry] = []
+    for name, payload in small:
+        raw = f"{_PREFIX}/{name}".encode()
+        offset = len(head)
+        extra = _extra(None, _ALIGN, offset + _LOCAL.size + len(raw))
+        crc = zlib.crc32(payload)
+        head += _LOCAL.pack(_SIG_LOCAL, 20, _FLAG_UTF8, 0, 0, 0x21, crc, len(payload), len(payload), len(raw), len(extra))
+        head += raw + extra + payload
+        entries.append(_Entry(raw, offset, len(payload), crc))
+    raw = f"{_PREFIX}/data/0".encode()
+    offset = len(head)
+    big = nbytes >= _U32
+    extra = _extra(nbytes if big else None, _ALIGN, offset + _LOCAL.size + len(raw))
+    size32 = _U32 if big else nbytes
+    head += _LOCAL.pack(_SIG_LOCAL, 45 if big else 20, _FLAG_UTF8, 0, 0, 0x21, 0, size32, size32, len(raw), len(extra))
+    head += raw + extra
+    entries.append(_Entry(raw, offset, nbytes, 0))
+
+    central = bytearray()
+    cd_offset = len(head) + nbytes
+    for entry in entries:
+        fields: list[int] = []
+        usize = entry.size
+        if usize >= _U32:
+            fields += [usize, usize]
+        off = entry.offset
+        if off >= _U32:
+            fields.append(off)
+        extra = struct.pack(f"<HH{len(fields)}Q", 0x0001, 8 * len(fields), *fields) if fields else b""
+        s32 = _U32 if usize >= _U32 else usize
+        o32 = _U32 if off >= _U32 else off
+        central += _CENTRAL.pack(
+            _SIG_CENTRAL, 45, 45 if fields else 20, _FLAG_UTF8, 0, 0, 0x21, entry.crc, s32, s32,
+            len(entry.name), len(extra), 0, 0, 0, 0, o32,
+        )
+        central += entry.name + extra
+    eocd64_offset = cd_offset + len(central)
+    n = len(entries)
+    tail = bytes(central)
+    tail += _EOCD64.pack(_SIG_EOCD64, 44, 45, 45, 0, 0, n, n, len(central), cd_offset)
+    tail += _LOCATOR64.pack(_SIG_LOCATOR64, 0, eocd64_offset, 1)
+    tail += _EOCD.pack(_SIG_EOCD, 0, 0, n, n, min(len(central), _U32), min(cd_offset, _U32), 0)
+    return bytes(head), tail
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class TensorRecord:
+    """Where one ``torch.save``'d tensor's bytes are, relative to the start of its item, and how to view them."""
+
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int  # in elements
+    data_offset: int  # first byte of the storage record, relative to the item's start
+    data_length: int  # bytes of the storage record
+
+    @property
+    def is_c_contiguous(self) -> bool:
+        expected = 1
+        for s, st in zip(reversed(self.size), reversed(self.stride)):
+            if s != 1 and st != expected:
+                return False
+            expected *= s
+        return True
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    dtype: torch.dtype | None  # None: untyped (v3), sizes in bytes
+    key: str
+    count: int
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: torch.dtype | None
+
+
+@dataclass(frozen=True)
+class _Rebuilt:
+    storage: _StorageRef
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype | None
+
+
+def _rebuild_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, *_rest: Any) -> _Rebuilt:
+    return _Rebuilt(storage, storage_offset, tuple(size), tuple(stride), None)
+
+
+def _rebuild_v3(storage: Any, storage_offset: Any, size: Any, stride: Any, _rg: Any, _hooks: Any, dtype: Any,
+                *_rest: Any) -> _Rebuilt:
+    return _Rebuilt(storage, storage_offset, tuple(size), tuple(stride), dtype)
+
+
+class _RecordUnpickler(pickle.Unpickler):
+    """Records what torch's rebuild functions would get; resolves no other name."""
+
+    def __init__(self, data: bytes, where: str) -> None:
+        super().__init__(io.BytesIO(data))
+        self._where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_v2
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return _rebuild_v3
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPE:
+            return _StorageType(_STORAGE_DTYPE[name])
+        if module == "torch.storage" and name == "UntypedStorage":
+            return _StorageType(None)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(
+            f"{self._where}: the tensor record names '{module}.{name}', which a plain tensor never needs; "
+            "refusing to load it (it could run code). The file was crafted or damaged."
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            raise CorruptCheckpointError(f"{self._where}: unexpected storage reference {pid!r} in tensor record")
+        _, stype, key, _location, count = pid
+        if not isinstance(key, str) or not isinstance(count, int) or count < 0:
+            raise CorruptCheckpointError(f"{self._where}: malformed storage reference {pid!r} in tensor record")
+        return _StorageRef(stype.dtype, key, count)
+
+
+def _corrupt(where: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{where}: {what}. The data file is damaged or truncated; restore it from a good copy or load an earlier "
+        "checkpoint (`dcpio verify` lists every damaged tensor)."
+    )
+
+
+def parse_tensor_item(read: Callable[[int, int], bytes], length: int, where: str) -> TensorRecord:
+    """Locate and validate the tensor inside one ``torch.save`` archive of ``length`` bytes.
+
+    ``read(offset, n)`` returns ``n`` bytes at ``offset`` relative to the item's start. ``where`` names the file
+    and the tensor in errors.
+    """
+    cap = max_record_header_bytes()
+    if length < _EOCD.size + _LOCAL.size:
+        raise _corrupt(where, f"item of {length} bytes is too short to be a torch.save record")
+    tail_len = min(length, 1 << 16)
+    tail = read(length - tail_len, tail_len)
+    pos = tail.rfind(struct.pack("<I", _SIG_EOCD))
+    if pos < 0 or pos + _EOCD.size > len(tail):
+        raise _corrupt(where, "no zip end-of-central-directory record: not a torch.save record")
+    _, _, _, _, total, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, pos)
+    loc_pos = pos - _LOCATOR64.size
+    if loc_pos >= 0 and struct.unpack_from("<I", tail, loc_pos)[0] == _SIG_LOCATOR64:
+        _, _, eocd64_offset, _ = _LOCATOR64.unpack_from(tail, loc_pos)
+        if eocd64_offset + _EOCD64.size > length:
+            raise _corrupt(where, "zip64 end record points past the item")
+        rec = read(eocd64_offset, _EOCD64.size)
+        sig, _, _, _, _, _, _, total, cd_size, cd_offset = _EOCD64.unpack(rec)
+        if sig != _SIG_EOCD64:
+            raise _corrupt(where, "bad zip64 end-of-central-directory signature")
+    if total > 1024 or cd_size > cap or cd_offset + cd_size > length:
+        raise _corrupt(where, f"central directory ({total} entries, {cd_size} bytes at {cd_offset}) out of range")
+    tail_start = length - tail_len
+    if cd_offset >= tail_start and cd_offset + cd_size <= length:
+        cd = tail[cd_offset - tail_start : cd_offset - tail_start + cd_size]
+    else:
+        cd = read(cd_offset, cd_size)
+
+    records: dict[str, tuple[int, int, int]] = {}
+    p = 0
+    for _ in range(total):
+        if p + _CENTRAL.size > len(cd):
+            raise _corrupt(where, "central directory is truncated")
+        fields = _CENTRAL.unpack_from(cd, p)
+        if fields[0] != _SIG_CENTRAL:
+            raise _corrupt(where, "bad central directory entry signature")
+        method, csize, usize, nlen, elen, clen, off = fields[4], fields[8], fields[9], fields[10], fields[11], fields[12], fields[16]
+        name = cd[p + _CENTRAL.size : p + _CENTRAL.size + nlen].decode("utf-8", "replace")
+        extra = cd[p + _CENTRAL.size + nlen : p + _CENTRAL.size + nlen + elen]
+        if usize == _U32 or csize == _U32 or off == _U32:
+            usize, csize, off = _zip64_fields(extra, usize, csize, off, where)
+        if method != 0 or csize != usize:
+            raise _corrupt(where, f"record {name!r} is compressed; torch.save records are stored")
+        if name in records:
+            raise _corrupt(where, f"record {name!r} appears twice")
+        records[name] = (off, usize, nlen)
+        p += _CENTRAL.size + nlen + elen + clen
+
+    prefix = next((n[: -len("/data.pkl")] for n in records if n.endswith("/data.pkl") and n.count("/") == 1), None)
+    if prefix is None:
+        raise _corrupt(where, "no data.pkl record: not a torch.save record")
+
+    def record_bytes_at(name: str) -> tuple[int, int]:
+        if name not in records:
+            raise _corrupt(where, f"record {name!r} is missing")
+        off, size, _ = records[name]
+        if off + _LOCAL.size > length:
+            raise _corrupt(where, f"record {name!r} header lies past the item's end")
+        local = _LOCAL.unpack(read(off, _LOCAL.size))
+        if local[0] != _SIG_LOCAL:
+            raise _corrupt(where, f"record {name!r}: bad local header signature")
+        start = off + _LOCAL.size + local[9] + local[10]
+        if start + size > length:
+            raise _corrupt(where, f"record {name!r} ([{start}, {start + size})) reaches past the item's end ({length})")
+        return start, size
+
+    pkl_start, pkl_size = record_bytes_at(f"{prefix}/data.pkl")
+    if pkl_size > cap:
+        raise _corrupt(where, f"data.pkl of {pkl_size} bytes exceeds the {cap}-byte cap")
+    if f"{prefix}/byteorder" in records:
+        bo_start, bo_size = record_bytes_at(f"{prefix}/byteorder")
+        if bo_size <= 16 and read(bo_start, bo_size) not in (b"little",):
+            raise _corrupt(where, "tensor was saved big-endian; dcpio reads little-endian records only")
+    try:
+        obj = _RecordUnpickler(read(pkl_start, pkl_size), where).load()
+    except (UnsafeCheckpointError, CorruptCheckpointError):
+        raise
+    except Exception as err:  # a damaged pickle may raise anything; all of it is corruption
+        raise _corrupt(where, f"tensor record's pickle is unreadable ({type(err).__name__}: {err})") from err
+    if not isinstance(obj, _Rebuilt) or not isinstance(obj.storage, _StorageRef):
+        raise _corrupt(where, f"record holds a {type(obj).__name__}, not a plain tensor")
+    dtype = obj.dtype if obj.storage.dtype is None else obj.storage.dtype
+    if not isinstance(dtype, torch.dtype):
+        raise _corrupt(where, "tensor record has no dtype")
+    if not (
+        all(isinstance(v, int) and v >= 0 for v in obj.size + obj.stride)
+        and isinstance(obj.storage_offset, int)
+        and obj.storage_offset >= 0
+        and len(obj.size) == len(obj.stride)
+    ):
+        raise _corrupt(where, "tensor record has an invalid size, stride or offset")
+    storage_bytes = obj.storage.count * (1 if obj.storage.dtype is None else dtype.itemsize)
+    data_start, data_size = record_bytes_at(f"{prefix}/data/{obj.storage.key}")
+    if data_size != storage_bytes:
+        raise _corrupt(where, f"storage record has {data_size} bytes, the pickle says {storage_bytes}")
+    numel = 1
+    for s in obj.size:
+        numel *= s
+    if numel:
+        reach = obj.storage_offset + sum((s - 1) * st for s, st in zip(obj.size, obj.stride)) + 1
+        if reach * dtype.itemsize > data_size:
+            raise _corrupt(where, f"tensor of size {list(obj.size)} reaches past its {data_size}-byte storage")
+    return TensorRecord(dtype, obj.size, obj.stride, obj.storage_offset, data_start, data_size)
+
+
+def _zip64_fields(extra: bytes, usize: int, csize: int, off: int, where: str) -> tuple[int, int, int]:
+    p = 0
+    while p + 4 <= len(extra):
+        tag, size = struct.unpack_from("<HH", extra, p)
+        if tag == 0x0001:
+            body = extra[p + 4 : p + 4 + size]
+            q = 0
+            values = []
+            for current in (usize, csize, off):
+                if current == _U32:
+                    if q + 8 > len(body):
+                        raise _corrupt(where, "zip64 extra field is truncated")
+                    values.append(struct.unpack_from("<Q", body, q)[0])
+                    q += 8
+                else:
+                    values.append(current)
+            return values[0], values[1], values[2]
+        p += 4 + size
+    raise _corrupt(where, "zip64 sizes announced but no zip64 extra field")

@@ -1,0 +1,44 @@
+"""Every file a checkpoint names must stay inside the checkpoint's directory.
+
+``relative_path`` comes from untrusted metadata: ``../../etc/passwd``, an absolute path or a symlink pointing out of
+the directory would make the reader open (or the writer's cleanup remove) files that are not the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+
+from dcpio.errors import UnsafeCheckpointError
+
+__all__ = ["check_relative_path", "check_stays_inside"]
+
+
+def check_relative_path(relative: object, where: str) -> str:
+    """Return ``relative`` if it is a plain relative name inside the checkpoint; raise otherwise."""
+    if not isinstance(relative, str) or not relative:
+        raise UnsafeCheckpointError(f"{where}: a data file name in the metadata is {relative!r}, not a file name")
+    if "\x00" in relative or "\\" in relative:
+        raise UnsafeCheckpointError(f"{where}: data file name {relative!r} has forbidden characters; refused")
+    if relative.startswith("/") or os.path.isabs(relative) or "://" in relative:
+        raise UnsafeCheckpointError(
+            f"{where}: data file name {relative!r} is absolute; a checkpoint may only name files inside its own "
+            "directory. The metadata was crafted or damaged; refused."
+        )
+    norm = posixpath.normpath(relative)
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        raise UnsafeCheckpointError(
+            f"{where}: data file name {relative!r} points outside the checkpoint directory; refused."
+        )
+    return relative
+
+
+def check_stays_inside(root: str, relative: str, where: str) -> None:
+    """For local checkpoints: refuse a name that resolves (through symlinks) outside ``root``."""
+    real_root = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(real_root, relative))
+    if os.path.commonpath([real_root, target]) != real_root:
+        raise UnsafeCheckpointError(
+            f"{where}: data file {relative!r} resolves to {target}, outside the checkpoint directory {real_root} "
+            "(a symlink pointing out?); refused."
+        )

@@ -1,0 +1,203 @@
+"""``FileSystemReader``: the DCP ``StorageReader`` of dcpio.
+
+Call order (driven by ``dcp.load``)::
+
+    reset(checkpoint_id) -> read_metadata(rank=...)      parse .metadata with the restricted unpickler
+    -> set_up_storage_reader(metadata, is_coordinator)   validate every stored item's file name, offset, length
+    -> prepare_local_plan(plan) -> prepare_global_plan(plans)
+    -> read_data(plan, planner)                          the I/O engine reads only the bytes each item needs
+
+Reads every format torch's writer produces (``torch_save`` records, with or without stream transforms, and the
+``SAFETENSORS`` format torch's own reader cannot load) and dcpio's own. Block checksums written by dcpio are
+verified by default (``verify_checksums=False`` turns that off); checkpoints written by torch have none, and get the
+structural checks only (record layout, sizes and offsets against the file).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import uuid
+from torch.futures import Future
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+
+from dcpio import knobs
+from dcpio.engine import ReadOptions, read_plan
+from dcpio.errors import CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
+from dcpio.integrity.paths import check_relative_path, check_stays_inside
+from dcpio.integrity.safe_pickle import load_metadata
+from dcpio.movers.base import FileSystemBase
+from dcpio.movers.local import FileSystem
+from dcpio.transforms import ExtensionRegistry
+from dcpio.writer import METADATA_NAME
+
+__all__ = ["FileSystemReader"]
+
+
+class FileSystemReader(StorageReader):
+    """Reads a DCP checkpoint directory; a drop-in for ``torch.distributed.checkpoint.FileSystemReader``.
+
+    Args:
+        path: the checkpoint directory.
+        _extension_registry: where stream-transform descriptors are looked up (default knows ZStandard).
+        verify_checksums: check dcpio's block checksums of every byte read (default True).
+        thread_count: I/O threads; None picks :func:`dcpio.knobs.default_io_threads`.
+        allow_pickle: let non-tensor values that need arbitrary classes to unpickle reach torch's planner.
+            By default a value is first unpickled with torch's ``weights_only`` rules (plain data, tensors and
+            classes registered with ``torch.serialization.add_safe_globals``) and refused otherwise, because
+            the planner's ``torch.load(weights_only=False)`` would run any code a crafted checkpoint carries.
+
+    Example::
+
+        import torch.distributed.checkpoint as dcp, dcpio
+        dcp.load(state_dict, storage_reader=dcpio.FileSystemReader("ckpt/step-100"))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        _extension_registry: Any = None,
+        *,
+        verify_checksums: bool = True,
+        thread_count: int | None = None,
+        allow_pickle: bool = False,
+        _fs: FileSystemBase | None = None,
+    ) -> None:
+        super().__init__()
+        if thread_count is not None and thread_count < 1:
+            raise ValueError(f"thread_count must be at least 1 (or None), got {thread_count}")
+        self.fs: FileSystemBase = _fs if _fs is not None else FileSystem()
+        self.path: Any = self.fs.init_path(path)
+        self.registry = _extension_registry if _extension_registry is not None else ExtensionRegistry()
+        self.verify_checksums = verify_checksums
+        self.thread_count = thread_count
+        self.allow_pickle = allow_pickle
+        self.storage_data: dict[Any, Any] = {}
+        self.load_id = str(uuid.uuid4())
+        self.rank: int | None = None
+        self.is_coordinator = False
+        self.use_collectives = True
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self.storage_data = {}
+        if checkpoint_id:
+            self.path = self.fs.init_path(checkpoint_id)
+        self.load_id = str(uuid.uuid4())
+
+    def _metadata_path(self, rank: int | None) -> str:
+        name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
+        return str(self.fs.concat_path(self.path, name))
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """Parse ``.metadata`` (or ``__{rank}.metadata``) without running code from it."""
+        rank = kwargs.get("rank")
+        path = self._metadata_path(rank)
+        if not self.fs.exists(path):
+            self._explain_missing(path)
+        data = self.fs.read_file(path, knobs.max_metadata_bytes())
+        metadata = load_metadata(data, path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
+        return metadata
+
+    def _explain_missing(self, metadata_path: str) -> None:
+        root = str(self.path)
+        if not self.fs.exists(root):
+            import errno
+
+            raise FileNotFoundError(errno.ENOENT, f"{root}: no such checkpoint directory; check the path", root)
+        try:
+            names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(root)]
+        except (OSError, NotADirectoryError) as err:
+            raise IncompleteCheckpointError(f"{root}: not a checkpoint directory ({err})") from err
+        if any(n.endswith(".distcp") or n.endswith(".metadata.tmp") for n in names):
+            raise IncompleteCheckpointError(
+                f"{metadata_path} is missing: the save into {root} never committed (it was interrupted before "
+                "writing its metadata), so the data files there are not a checkpoint. Save again, or load an "
+                "earlier checkpoint."
+            )
+        raise IncompleteCheckpointError(
+            f"{root}: not a DCP checkpoint (no {METADATA_NAME} file). If it holds safetensors files, use "
+            "dcpio.HuggingFaceStorageReader; otherwise check the path."
+        )
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = kwargs.get("rank")
+        self.use_collectives = kwargs.get("use_collectives", True)
+        storage = metadata.storage_data
+        if not isinstance(storage, dict):
+            raise CorruptCheckpointError(f"{self.path}: the metadata has no storage_data; it was not written by a "
+                                         "file-system writer")
+        root = str(self.path)
+        local_root = self.fs.local_root(root)
+        checked: set[str] = set()
+        for index, info in storage.items():
+            where = f"{root}/{METADATA_NAME}: item '{getattr(index, 'fqn', index)}'"
+            if not isinstance(info, _StorageInfo):
+                raise CorruptCheckpointError(f"{where}: storage info is a {type(info).__name__}, not _StorageInfo")
+            rel = check_relative_path(info.relative_path, where)
+            if not (isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0
+                    and info.length >= 0):
+                raise CorruptCheckpointError(f"{where}: invalid offset/length {info.offset!r}/{info.length!r}")
+            descriptors = info.transform_descriptors
+            if descriptors is not None and not (
+                isinstance(descriptors, list | tuple) and all(isinstance(d, str) for d in descriptors)
+            ):
+                raise CorruptCheckpointError(f"{where}: invalid transform descriptors {descriptors!r}")
+            if local_root is not None and rel not in checked:
+                check_stays_inside(local_root, rel, where)
+                checked.add(rel)
+        self.storage_data = storage
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def _check_bytes(self, req: ReadItem, data: bytes) -> None:
+        """Refuse a non-tensor value whose unpickling would need more than torch's weights_only rules allow."""
+        if self.allow_pickle:
+            return
+        try:
+            torch.load(io.BytesIO(data), weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpointError(
+                f"{self.path}: value '{req.storage_index.fqn}' needs classes or functions outside torch's "
+                f"weights_only allow-list to load ({str(err).splitlines()[0][:200]}). Loading it could run code "
+                "from the checkpoint. If you trust this checkpoint, register the classes with "
+                "torch.serialization.add_safe_globals([...]) or pass allow_pickle=True to the reader."
+            ) from err
+        except Exception as err:  # not a torch.save payload at all
+            raise CorruptCheckpointError(
+                f"{self.path}: value '{req.storage_index.fqn}' is not a readable torch.save payload ({err})"
+            ) from err
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        opts = ReadOptions(
+            threads=self.thread_count if self.thread_count is not None else knobs.default_io_threads(),
+            verify=self.verify_checksums,
+            registry=self.registry,
+            root=str(self.path),
+        )
+        read_plan(self.fs, plan.items, self.storage_data, planner, opts, self._check_bytes)
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    @property
+    def checkpoint_id(self) -> Any:
+        return self.path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return FileSystem.validate_checkpoint_id(checkpoint_id)

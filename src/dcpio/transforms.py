@@ -1,0 +1,147 @@
+"""Stream transforms (compression...) applied to each stored item, recorded per item as descriptors.
+
+The classes subclass torch's abstract ``Extension``/``StreamTransformExtension``, so dcpio's writer accepts torch's
+extension objects and torch's writer accepts dcpio's. The descriptor ``stream.zstd/1`` is the one torch writes; a
+reader rebuilds the chain from the descriptors stored with each item (innermost last, as torch records them).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import IO, Any, cast
+
+from torch.distributed.checkpoint._extension import Extension as _TorchExtension
+from torch.distributed.checkpoint._extension import StreamTransformExtension as _TorchStreamTransform
+
+from dcpio.errors import CheckpointReadError
+
+__all__ = ["Extension", "ExtensionRegistry", "StreamTransformExtension", "ZStandard", "apply_decode", "encoder_chain"]
+
+Extension = _TorchExtension
+StreamTransformExtension = _TorchStreamTransform
+
+
+def _zstandard() -> Any:
+    try:
+        import zstandard
+    except ImportError as err:
+        raise ImportError(
+            "ZStandard compression needs the 'zstandard' package: pip install 'dcpio[zstd]'"
+        ) from err
+    return zstandard
+
+
+class ZStandard(_TorchStreamTransform):
+    """Zstandard compression of each item (descriptor ``stream.zstd/1``, readable by torch's ``ZStandard``).
+
+    Args:
+        level: compression level (zstd's default 3 when None).
+
+    Example::
+
+        writer = dcpio.FileSystemWriter(path, _extensions=[dcpio.ZStandard()])
+    """
+
+    def __init__(self, level: int | None = None) -> None:
+        super().__init__()
+        _zstandard()
+        self.level = level
+
+    @staticmethod
+    def registry_name() -> str:
+        return "stream.zstd"
+
+    @staticmethod
+    def from_descriptor(version: str) -> ZStandard:
+        if version.partition(".")[0] != "1":
+            raise CheckpointReadError(f"unknown zstd transform version {version!r}; upgrade dcpio")
+        return ZStandard()
+
+    def get_descriptor(self) -> str:
+        return f"{self.registry_name()}/1"
+
+    def transform_to(self, output: IO[bytes]) -> IO[bytes]:
+        zstd = _zstandard()
+        kwargs = {} if self.level is None else {"level": self.level}
+        # closefd=False: the caller closes the underlying stream itself
+        return cast(IO[bytes], zstd.ZstdCompressor(**kwargs).stream_writer(output, closefd=False))
+
+    def transform_from(self, input: IO[bytes]) -> IO[bytes]:
+        zstd = _zstandard()
+        return cast(IO[bytes], zstd.ZstdDecompressor().stream_reader(input, closefd=False))
+
+
+class ExtensionRegistry:
+    """Maps descriptor names to extension classes; knows :class:`ZStandard` out of the box.
+
+    Example::
+
+        registry = dcpio.ExtensionRegistry()
+        registry.register(MyCipher)
+        reader = dcpio.FileSystemReader(path, _extension_registry=registry)
+    """
+
+    def __init__(self) -> None:
+        self.extensions: dict[str, type[_TorchExtension]] = {ZStandard.registry_name(): ZStandard}
+
+    def register(self, cls: type[_TorchExtension]) -> None:
+        self.extensions[cls.registry_name()] = cls
+
+    def from_descriptor_list(self, descriptors: Sequence[str]) -> Sequence[_TorchExtension]:
+        out: list[_TorchExtension] = []
+        for descriptor in descriptors:
+            name, _, version = descriptor.partition("/")
+            name = name.partition("@")[0] if name not in self.extensions else name
+            cls = self.extensions.get(name)
+            if cls is None:
+                raise CheckpointReadError(
+                    f"the checkpoint uses stream transform {descriptor!r}, which is not registered; register its "
+                    "class with ExtensionRegistry.register and pass the registry as _extension_registry"
+                )
+            out.append(cls.from_descriptor(version))
+        return out
+
+
+class _Sink(io.RawIOBase):
+    """Collects transformed output in memory (a transformed item's size is unknown until it is done)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        self.parts.append(data)
+        return len(data)
+
+
+def encoder_chain(extensions: Sequence[_TorchStreamTransform], sink: IO[bytes]) -> IO[bytes]:
+    """Wrap ``sink`` so that bytes written pass through every extension, first one outermost."""
+    stream = sink
+    for ext in extensions:
+        stream = ext.transform_to(stream)
+    return stream
+
+
+def encode(extensions: Sequence[_TorchStreamTransform], pieces: Sequence[memoryview]) -> list[bytes]:
+    """Run ``pieces`` through the transforms; returns the stored bytes as a list of chunks."""
+    sink = _Sink()
+    stream = encoder_chain(extensions, cast(IO[bytes], sink))
+    for piece in pieces:
+        stream.write(piece)
+    stream.flush()
+    stream.close()
+    return sink.parts
+
+
+def apply_decode(registry: Any, descriptors: Sequence[str], stored: bytes) -> bytes:
+    """Undo the transforms named by ``descriptors`` (as recorded at save time) on ``stored`` bytes."""
+    stream: IO[bytes] = io.BytesIO(stored)
+    for ext in registry.from_descriptor_list(descriptors):
+        if isinstance(ext, _TorchStreamTransform):
+            stream = ext.transform_from(stream)
+    return stream.read()

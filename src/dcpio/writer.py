@@ -1,0 +1,285 @@
+"""``FileSystemWriter``: the DCP ``StorageWriter`` of dcpio.
+
+Call order (driven by ``dcp.save`` / ``dcp.async_save``)::
+
+    reset(checkpoint_id) -> set_up_storage_writer(is_coordinator, rank=..., use_collectives=...)
+    -> prepare_local_plan(plan)            every rank: create the directory, refuse an existing one if overwrite=False
+    -> prepare_global_plan(plans)          coordinator: give each rank its file-name prefix
+    -> write_data(plan, planner)           every rank: the I/O engine writes this rank's data files
+    -> finish(metadata, results)           coordinator: commit .metadata, then remove superseded files
+
+Commit protocol (why a crash never loses the last good checkpoint): data files of a save never overwrite a file
+that exists; when ``__0_0.distcp`` is taken (by the previous checkpoint), the save uses ``__0_0.<tag>.distcp``
+with a per-save tag. ``.metadata`` is the commit point: written to ``.metadata.tmp``, fsynced, renamed over the old
+one (atomic on POSIX), and the directory fsynced. Only after that are files that the new metadata does not name
+removed. A save killed at any moment leaves either the old metadata (naming only old, untouched files) or the new
+one (naming only new, fully synced files). Object stores have no atomic rename; there a single PUT of the metadata
+object is the commit point (see :mod:`dcpio.movers.fsspec`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import re
+import uuid
+from collections.abc import Sequence
+from torch.futures import Future
+from enum import Enum
+from typing import Any
+
+from torch.distributed.checkpoint.filesystem import _StoragePrefix
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+
+from dcpio import knobs
+from dcpio.engine import FileJob, WriteOptions, write_files
+from dcpio.errors import CheckpointExistsError, CheckpointWriteError
+from dcpio.movers.base import FileSystemBase
+from dcpio.movers.local import FileSystem
+from dcpio.staging import DcpioStager
+from dcpio.transforms import StreamTransformExtension
+
+__all__ = ["DEFAULT_SUFFIX", "FileSystemWriter", "SerializationFormat"]
+
+DEFAULT_SUFFIX = ".distcp"
+METADATA_NAME = ".metadata"
+_DCP_VERSION = "1.0.0"  # the metadata version torch's FileSystemWriter records (filesystem.CURRENT_DCP_VERSION)
+# data files dcpio (or torch) names: __{rank}_{n}.distcp, or __{rank}_{n}.{tag}.distcp when the plain name is taken
+_DATA_FILE = re.compile(r"^__(\d+)_\d+(\.[0-9a-f]{8})?\.distcp$")
+
+
+class SerializationFormat(str, Enum):
+    """How tensors are laid out inside data files (torch's enum values)."""
+
+    TORCH_SAVE = "torch_save"
+    SAFETENSORS = "safetensors"
+
+
+def _format_value(fmt: Any) -> str:
+    value = getattr(fmt, "value", fmt)
+    if value not in ("torch_save", "safetensors"):
+        raise ValueError(f"serialization_format must be TORCH_SAVE or SAFETENSORS, got {fmt!r}")
+    return str(value)
+
+
+def _item_bytes(item: WriteItem) -> int:
+    if item.tensor_data is None:
+        return 0
+    n = item.tensor_data.properties.dtype.itemsize
+    for s in item.tensor_data.chunk.sizes:
+        n *= s
+    return n
+
+
+def _buckets(items: Sequence[WriteItem], count: int) -> list[list[WriteItem]]:
+    """Spread items over ``count`` files: largest first onto the lightest file; bytes items round robin."""
+    buckets: list[list[WriteItem]] = [[] for _ in range(count)]
+    loads = [0] * count
+    bytes_items = [it for it in items if it.type == WriteItemType.BYTE_IO]
+    tensors = sorted((it for it in items if it.type != WriteItemType.BYTE_IO), key=_item_bytes, reverse=True)
+    for i, item in enumerate(bytes_items):
+        buckets[i % count].append(item)
+    for item in tensors:
+        j = loads.index(min(loads))
+        buckets[j].append(item)
+        loads[j] += _item_bytes(item)
+    return [b for b in buckets if b]
+
+
+class _DcpioWriter(StorageWriter):
+    """The protocol half of :class:`FileSystemWriter`, over any byte mover."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        single_file_per_rank: bool = True,
+        sync_files: bool = True,
+        thread_count: int | None = None,
+        per_thread_copy_ahead: int = 10_000_000,
+        overwrite: bool = True,
+        _extensions: Sequence[StreamTransformExtension] | None = None,
+        serialization_format: Any = SerializationFormat.TORCH_SAVE,
+        *,
+        _fs: FileSystemBase | None = None,
+    ) -> None:
+        super().__init__()
+        if thread_count is not None and thread_count < 1:
+            raise ValueError(f"thread_count must be at least 1 (or None to choose automatically), got {thread_count}")
+        self.fs: FileSystemBase = _fs if _fs is not None else FileSystem()
+        self.path: Any = self.fs.init_path(path)
+        self.single_file_per_rank = single_file_per_rank
+        self.sync_files = sync_files
+        self.thread_count = thread_count
+        self.per_thread_copy_ahead = per_thread_copy_ahead
+        self.overwrite = overwrite
+        self.extensions: Sequence[StreamTransformExtension] = tuple(_extensions or ())
+        self.serialization_format = SerializationFormat(_format_value(serialization_format))
+        self.save_id = str(uuid.uuid4())
+        self.rank: int | None = None
+        self.is_coordinator = False
+        self.use_collectives = True
+
+    # ------------------------------------------------------------------ protocol
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            self.path = self.fs.init_path(checkpoint_id)
+        self.save_id = str(uuid.uuid4())
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = kwargs.get("rank")
+        self.use_collectives = kwargs.get("use_collectives", True)
+
+    def _metadata_path(self, rank: int | None = None) -> str:
+        name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
+        return str(self.fs.concat_path(self.path, name))
+
+    def _committed(self) -> bool:
+        return self.fs.exists(self._metadata_path(None if self.use_collectives else 0)) or self.fs.exists(
+            self._metadata_path()
+        )
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        self.fs.mkdir(self.path)
+        if not self.overwrite and self._committed():
+            raise CheckpointExistsError(
+                f"{self.path}: a checkpoint already exists here and the writer has overwrite=False. It was left "
+                "untouched; save to a new directory, or pass overwrite=True to replace it."
+            )
+        if self.rank is not None and not self.use_collectives:
+            plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{self.rank}_"))
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return [
+            plan if plan.storage_data is not None else dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{i}_"))
+            for i, plan in enumerate(plans)
+        ]
+
+    def _threads(self) -> int:
+        return self.thread_count if self.thread_count is not None else knobs.default_io_threads()
+
+    def _file_name(self, prefix: str, n: int) -> str:
+        name = f"{prefix}{n}{DEFAULT_SUFFIX}"
+        if self.fs.exists(str(self.fs.concat_path(self.path, name))):
+            # the name belongs to an earlier save (perhaps the committed one): never write over it
+            name = f"{prefix}{n}.{self.save_id.replace('-', '')[:8]}{DEFAULT_SUFFIX}"
+        return name
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        prefix_obj = plan.storage_data
+        prefix = prefix_obj.prefix if isinstance(prefix_obj, _StoragePrefix) else f"__{self.rank or 0}_"
+        threads = self._threads()
+        groups = _buckets(plan.items, threads) if self.single_file_per_rank else [[it] for it in plan.items]
+        jobs = []
+        for n, items in enumerate(groups):
+            name = self._file_name(prefix, n)
+            jobs.append(FileJob(name, str(self.fs.concat_path(self.path, name)), tuple(items)))
+        opts = WriteOptions(
+            threads=threads,
+            sync=self.sync_files,
+            extensions=self.extensions,
+            serialization_format=self.serialization_format.value,
+        )
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(write_files(self.fs, jobs, planner, opts))
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        storage_md: dict[Any, Any] = {}
+        for rank_results in results:
+            for result in rank_results:
+                storage_md[result.index] = result.storage_data
+        metadata.storage_data = storage_md
+        metadata.storage_meta = self.storage_meta()
+        metadata.version = _DCP_VERSION
+        per_rank = not self.use_collectives and self.rank is not None
+        target = self._metadata_path(self.rank if per_rank else None)
+        try:
+            payload = pickle.dumps(metadata)
+        except Exception as err:
+            raise CheckpointWriteError(
+                f"{target}: the checkpoint metadata cannot be pickled ({err}); the previous checkpoint is intact"
+            ) from err
+        self.fs.write_file_atomic(target, payload, self.sync_files)
+        self._remove_superseded(storage_md, self.rank if per_rank else None)
+
+    def _remove_superseded(self, storage_md: dict[Any, Any], only_rank: int | None) -> None:
+        """After the commit: delete data files no longer named by the committed metadata (ours and torch's)."""
+        keep = {getattr(info, "relative_path", None) for info in storage_md.values()}
+        try:
+            entries = self.fs.ls(self.path)
+        except (OSError, NotImplementedError):
+            return
+        for full in entries:
+            name = str(full).rstrip("/").rsplit("/", 1)[-1]
+            match = _DATA_FILE.match(name)
+            if match is None or name in keep:
+                continue
+            if only_rank is not None and int(match.group(1)) != only_rank:
+                continue
+            self.fs.remove_quietly(str(self.fs.concat_path(self.path, name)))
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)
+
+    @property
+    def checkpoint_id(self) -> Any:
+        return self.path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return FileSystem.validate_checkpoint_id(checkpoint_id)
+
+
+class FileSystemWriter(_DcpioWriter, DcpioStager):
+    """Writes a DCP checkpoint to a directory; a drop-in for ``torch.distributed.checkpoint.FileSystemWriter``.
+
+    Args:
+        path: the checkpoint directory (created if missing).
+        single_file_per_rank: one data file per thread per rank (True) or one per item (False).
+        sync_files: fsync data files, the metadata and the directory (needed for crash safety).
+        thread_count: I/O threads (= data files per rank); None picks :func:`dcpio.knobs.default_io_threads`.
+        per_thread_copy_ahead: bytes copied off an accelerator ahead of writing them.
+        cache_staged_state_dict: for ``dcp.async_save``, reuse the staging buffers across saves.
+        overwrite: replace an existing checkpoint (atomically) or refuse with :class:`dcpio.CheckpointExistsError`.
+        _extensions: stream transforms such as :class:`dcpio.ZStandard`.
+        serialization_format: :attr:`SerializationFormat.TORCH_SAVE` (default; loadable by torch's reader) or
+            :attr:`SerializationFormat.SAFETENSORS`.
+
+    Example::
+
+        import torch.distributed.checkpoint as dcp, dcpio
+        dcp.save(state_dict, storage_writer=dcpio.FileSystemWriter("ckpt/step-100"))
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        single_file_per_rank: bool = True,
+        sync_files: bool = True,
+        thread_count: int | None = None,
+        per_thread_copy_ahead: int = 10_000_000,
+        cache_staged_state_dict: bool = False,
+        overwrite: bool = True,
+        _extensions: Sequence[StreamTransformExtension] | None = None,
+        serialization_format: Any = SerializationFormat.TORCH_SAVE,
+        *,
+        _fs: FileSystemBase | None = None,
+    ) -> None:
+        _DcpioWriter.__init__(
+            self,
+            path,
+            single_file_per_rank=single_file_per_rank,
+            sync_files=sync_files,
+            thread_count=thread_count,
+            per_thread_copy_ahead=per_thread_copy_ahead,
+            overwrite=overwrite,
+            _extensions=_extensions,
+            serialization_format=serialization_format,
+            _fs=_fs,
+        )
+        DcpioStager.__init__(self, cache_staged_state_dict=cache_staged_state_dict)
