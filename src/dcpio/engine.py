@@ -134,7 +134,9 @@ def _write_one_file(fs: FileSystemBase, job: FileJob, planner: SavePlanner, opts
     return results
 
 
-def write_files(fs: FileSystemBase, jobs: Sequence[FileJob], planner: SavePlanner, opts: WriteOptions) -> list[WriteResult]:
+def write_files(
+    fs: FileSystemBase, jobs: Sequence[FileJob], planner: SavePlanner, opts: WriteOptions
+) -> list[WriteResult]:
     """Write every job's file; on any failure remove all of this save's files and raise the first error."""
     results: list[WriteResult] = []
     errors: list[BaseException] = []
@@ -147,15 +149,15 @@ def write_files(fs: FileSystemBase, jobs: Sequence[FileJob], planner: SavePlanne
                 results += fut.result()
             except BaseException as err:  # collected, the save is rolled back, then re-raised below
                 if not errors:
-                    for other in futures:
-                        other.cancel()
+                    for pending in futures:
+                        pending.cancel()
                 errors.append(_name_file(err, job.path))
     if errors:
         for job in jobs:
             fs.remove_quietly(job.path)
         first = errors[0]
-        for other in errors[1:]:
-            first.add_note(f"also failed: {type(other).__name__}: {other}")
+        for later in errors[1:]:
+            first.add_note(f"also failed: {type(later).__name__}: {later}")
         raise first
     return results
 
@@ -248,8 +250,11 @@ def _load_tensor_group(
         if not raw.startswith(ZIP_MAGIC):
             raise CorruptCheckpointError(f"{where}: decoded item is not a torch.save record")
         rec = parse_tensor_item(lambda o, n: raw[o : o + n], len(raw), where)
-        whole = torch.frombuffer(bytearray(raw[rec.data_offset : rec.data_offset + rec.data_length]), dtype=torch.uint8) \
-            if rec.data_length else torch.empty(0, dtype=torch.uint8)
+        whole = (
+            torch.frombuffer(bytearray(raw[rec.data_offset : rec.data_offset + rec.data_length]), dtype=torch.uint8)
+            if rec.data_length
+            else torch.empty(0, dtype=torch.uint8)
+        )
         for req in group.requests:
             _copy_from_storage(whole, rec, req, targets[id(req)], where)
         return
@@ -290,8 +295,10 @@ def _copy_from_storage(whole: torch.Tensor, rec: TensorRecord, req: ReadItem, ta
     """Copy the requested box out of a fully-read storage (``whole``: uint8) into ``target``."""
     _check_box(rec, req, target, where)
     typed = whole.view(rec.dtype) if whole.numel() else torch.empty(0, dtype=rec.dtype)
-    view = typed.as_strided(rec.size, rec.stride, rec.storage_offset) if math.prod(rec.size) else torch.empty(
-        rec.size, dtype=rec.dtype
+    view = (
+        typed.as_strided(rec.size, rec.stride, rec.storage_offset)
+        if math.prod(rec.size)
+        else torch.empty(rec.size, dtype=rec.dtype)
     )
     for d, (o, n) in enumerate(zip(req.storage_offsets, req.lengths)):
         view = view.narrow(d, o, n)
@@ -343,8 +350,9 @@ def _load_bytes_group(path: str, group: _Group, opts: ReadOptions, handles: Call
             f"{where}: the item spans bytes [{info.offset}, {info.offset + info.length}) but the file has "
             f"{handle.size()} bytes; it is truncated. Restore it or load an earlier checkpoint."
         )
-    stored = _read_verified(handle, info.offset, info.offset + info.length, None, _checksums(info, where), opts.verify,
-                            where)
+    stored = _read_verified(
+        handle, info.offset, info.offset + info.length, None, _checksums(info, where), opts.verify, where
+    )
     data = bytes(stored)
     if info.transform_descriptors:
         data = apply_decode(opts.registry, info.transform_descriptors, data)

@@ -19,7 +19,6 @@ import io
 import os
 import pickle
 import uuid
-from torch.futures import Future
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
 
 from dcpio import knobs
 from dcpio.engine import ReadOptions, read_plan
@@ -135,8 +135,9 @@ class FileSystemReader(StorageReader):
         self.use_collectives = kwargs.get("use_collectives", True)
         storage = metadata.storage_data
         if not isinstance(storage, dict):
-            raise CorruptCheckpointError(f"{self.path}: the metadata has no storage_data; it was not written by a "
-                                         "file-system writer")
+            raise CorruptCheckpointError(
+                f"{self.path}: the metadata has no storage_data; it was not written by a file-system writer"
+            )
         root = str(self.path)
         local_root = self.fs.local_root(root)
         checked: set[str] = set()
@@ -145,8 +146,9 @@ class FileSystemReader(StorageReader):
             if not isinstance(info, _StorageInfo):
                 raise CorruptCheckpointError(f"{where}: storage info is a {type(info).__name__}, not _StorageInfo")
             rel = check_relative_path(info.relative_path, where)
-            if not (isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0
-                    and info.length >= 0):
+            if not (
+                isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0 and info.length >= 0
+            ):
                 raise CorruptCheckpointError(f"{where}: invalid offset/length {info.offset!r}/{info.length!r}")
             descriptors = info.transform_descriptors
             if descriptors is not None and not (

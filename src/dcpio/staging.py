@@ -41,7 +41,7 @@ class DcpioStager:
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Return a CPU copy of ``state_dict`` that later changes to the original cannot reach."""
         # the copy is already on the CPU: nothing to copy ahead of the writes
-        setattr(self, "per_thread_copy_ahead", 0)
+        self.per_thread_copy_ahead = 0
         if not self.cache_staged_state_dict:
             staged = _create_cpu_state_dict(state_dict)
             return _copy_state_dict(state_dict, staged)

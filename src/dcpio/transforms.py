@@ -26,9 +26,7 @@ def _zstandard() -> Any:
     try:
         import zstandard
     except ImportError as err:
-        raise ImportError(
-            "ZStandard compression needs the 'zstandard' package: pip install 'dcpio[zstd]'"
-        ) from err
+        raise ImportError("ZStandard compression needs the 'zstandard' package: pip install 'dcpio[zstd]'") from err
     return zstandard
 
 

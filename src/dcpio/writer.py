@@ -25,7 +25,6 @@ import pickle
 import re
 import uuid
 from collections.abc import Sequence
-from torch.futures import Future
 from enum import Enum
 from typing import Any
 
@@ -33,6 +32,7 @@ from torch.distributed.checkpoint.filesystem import _StoragePrefix
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
 
 from dcpio import knobs
 from dcpio.engine import FileJob, WriteOptions, write_files

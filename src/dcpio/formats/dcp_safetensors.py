@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import struct
 import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -50,12 +51,16 @@ def write_blob(
             f"{relative_path}: two chunks of one tensor landed in one safetensors blob; use "
             "single_file_per_rank=False for this state dict"
         )
-    entries = layout(((item.index.fqn, st_dtype_of(t.dtype, item.index.fqn), _st_shape_of(t)) for item, t in items),
-                     sort=False)
-    sharding = {item.index.fqn: {"saved_offsets": list(item.tensor_data.chunk.offsets)}  # type: ignore[union-attr]
-                for item, _ in items}
-    head = encode_header(entries, {_CUSTOM_METADATA_KEY: json.dumps(sharding), _DCP_VERSION_KEY: "1.0",
-                                   _FORMAT_KEY: _FORMAT_VALUE})
+    entries = layout(
+        ((item.index.fqn, st_dtype_of(t.dtype, item.index.fqn), _st_shape_of(t)) for item, t in items), sort=False
+    )
+    sharding = {
+        item.index.fqn: {"saved_offsets": list(item.tensor_data.chunk.offsets)}  # type: ignore[union-attr]
+        for item, _ in items
+    }
+    head = encode_header(
+        entries, {_CUSTOM_METADATA_KEY: json.dumps(sharding), _DCP_VERSION_KEY: "1.0", _FORMAT_KEY: _FORMAT_VALUE}
+    )
     blob_start = handle.tell()
     handle.write([memoryview(head)])
     data_start = blob_start + len(head)
@@ -73,17 +78,14 @@ def write_blob(
 
 
 _cache_lock = threading.Lock()
+# parsed blob headers per open handle: a handle lives exactly as long as one read_data call
+_headers: weakref.WeakKeyDictionary[ReadHandle, dict[int, SafetensorsHeader]] = weakref.WeakKeyDictionary()
 
 
 def _header_at(handle: ReadHandle, offset: int, where: str) -> SafetensorsHeader:
-    cache: dict[int, SafetensorsHeader] | None = getattr(handle, "_dcpio_st_headers", None)
-    if cache is None:
-        with _cache_lock:
-            cache = getattr(handle, "_dcpio_st_headers", None)
-            if cache is None:
-                cache = {}
-                setattr(handle, "_dcpio_st_headers", cache)
-    header = cache.get(offset)
+    with _cache_lock:
+        cache = _headers.setdefault(handle, {})
+        header = cache.get(offset)
     if header is not None:
         return header
     size = handle.size()
@@ -96,7 +98,8 @@ def _header_at(handle: ReadHandle, offset: int, where: str) -> SafetensorsHeader
             f"{n}); the file is damaged. Restore it or load an earlier checkpoint."
         )
     header = parse_header(handle.read(offset, 8 + n), size - offset, f"{handle.path} (blob at byte {offset})")
-    cache[offset] = header
+    with _cache_lock:
+        cache[offset] = header
     return header
 
 

@@ -97,7 +97,11 @@ def _tensor_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
         storage_type, count, rebuild = _global("torch", legacy), numel, "_rebuild_tensor_v2"
         tail = b""
     else:
-        storage_type, count, rebuild = _global("torch.storage", "UntypedStorage"), numel * dtype.itemsize, "_rebuild_tensor_v3"
+        storage_type, count, rebuild = (
+            _global("torch.storage", "UntypedStorage"),
+            numel * dtype.itemsize,
+            "_rebuild_tensor_v3",
+        )
         tail = _global("torch", str(dtype).removeprefix("torch."))
     persistent = b"(" + _pickle_atom("storage") + storage_type + _pickle_atom("0") + _pickle_atom("cpu")
     persistent += _pickle_atom(count) + b"tQ"
@@ -151,7 +155,9 @@ def encode_envelope(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, 
         offset = len(head)
         extra = _extra(None, _ALIGN, offset + _LOCAL.size + len(raw))
         crc = zlib.crc32(payload)
-        head += _LOCAL.pack(_SIG_LOCAL, 20, _FLAG_UTF8, 0, 0, 0x21, crc, len(payload), len(payload), len(raw), len(extra))
+        head += _LOCAL.pack(
+            _SIG_LOCAL, 20, _FLAG_UTF8, 0, 0, 0x21, crc, len(payload), len(payload), len(raw), len(extra)
+        )
         head += raw + extra + payload
         entries.append(_Entry(raw, offset, len(payload), crc))
     raw = f"{_PREFIX}/data/0".encode()
@@ -177,8 +183,23 @@ def encode_envelope(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, 
         s32 = _U32 if usize >= _U32 else usize
         o32 = _U32 if off >= _U32 else off
         central += _CENTRAL.pack(
-            _SIG_CENTRAL, 45, 45 if fields else 20, _FLAG_UTF8, 0, 0, 0x21, entry.crc, s32, s32,
-            len(entry.name), len(extra), 0, 0, 0, 0, o32,
+            _SIG_CENTRAL,
+            45,
+            45 if fields else 20,
+            _FLAG_UTF8,
+            0,
+            0,
+            0x21,
+            entry.crc,
+            s32,
+            s32,
+            len(entry.name),
+            len(extra),
+            0,
+            0,
+            0,
+            0,
+            o32,
         )
         central += entry.name + extra
     eocd64_offset = cd_offset + len(central)
@@ -237,8 +258,9 @@ def _rebuild_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, *_res
     return _Rebuilt(storage, storage_offset, tuple(size), tuple(stride), None)
 
 
-def _rebuild_v3(storage: Any, storage_offset: Any, size: Any, stride: Any, _rg: Any, _hooks: Any, dtype: Any,
-                *_rest: Any) -> _Rebuilt:
+def _rebuild_v3(
+    storage: Any, storage_offset: Any, size: Any, stride: Any, _rg: Any, _hooks: Any, dtype: Any, *_rest: Any
+) -> _Rebuilt:
     return _Rebuilt(storage, storage_offset, tuple(size), tuple(stride), dtype)
 
 
@@ -323,7 +345,15 @@ def parse_tensor_item(read: Callable[[int, int], bytes], length: int, where: str
         fields = _CENTRAL.unpack_from(cd, p)
         if fields[0] != _SIG_CENTRAL:
             raise _corrupt(where, "bad central directory entry signature")
-        method, csize, usize, nlen, elen, clen, off = fields[4], fields[8], fields[9], fields[10], fields[11], fields[12], fields[16]
+        method, csize, usize, nlen, elen, clen, off = (
+            fields[4],
+            fields[8],
+            fields[9],
+            fields[10],
+            fields[11],
+            fields[12],
+            fields[16],
+        )
         name = cd[p + _CENTRAL.size : p + _CENTRAL.size + nlen].decode("utf-8", "replace")
         extra = cd[p + _CENTRAL.size + nlen : p + _CENTRAL.size + nlen + elen]
         if usize == _U32 or csize == _U32 or off == _U32:

@@ -55,7 +55,8 @@ class BlockChecksums:
                 f"{where}: the checksum record in .metadata is malformed ({type(record).__name__}); "
                 "the metadata is damaged. Load with verify_checksums=False only if you trust the data."
             )
-        _, block_size, base, length, digests = record  # type: ignore[misc]
+        rec: tuple[str, int, int, int, bytes] = record  # type: ignore[assignment]
+        block_size, base, length, digests = rec[1], rec[2], rec[3], rec[4]
         blocks = -(-length // block_size) if block_size > 0 else -1
         if block_size <= 0 or base < 0 or length < 0 or len(digests) != _DIGEST * blocks:
             raise CorruptCheckpointError(

@@ -113,8 +113,10 @@ def restricted_loads(data: bytes, where: str) -> Any:
 
 
 def _bad(where: str, what: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"{where}: malformed metadata: {what}. The .metadata file is damaged or was not "
-                                  "written by DCP; restore it or load an earlier checkpoint.")
+    return CorruptCheckpointError(
+        f"{where}: malformed metadata: {what}. The .metadata file is damaged or was not "
+        "written by DCP; restore it or load an earlier checkpoint."
+    )
 
 
 def _is_int(v: object) -> bool:

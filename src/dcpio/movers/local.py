@@ -42,7 +42,9 @@ class LocalWriteHandle(WriteHandle):
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+            self._fd: int | None = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644
+            )
         except OSError as err:
             raise write_error(path, err, "creating the file") from err
         self._written = 0
