@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# dcpio's two entry points on a fresh machine (Python 3.11 + pip is all it needs):
+#   bash scripts/dev.sh demo [DIR]   set up .venv, then run the main job: `dcpio demo`
+#   bash scripts/dev.sh test         set up .venv, then lint, type-check and run the test suite
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${DCPIO_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+
+setup() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PY" -m venv "$VENV"
+    fi
+    # torch first, pinned to the CPU build (constraints.txt): an unpinned request would pull a multi-GB CUDA build
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt "torch==2.13.0"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+}
+
+cmd="${1:-test}"
+shift || true
+case "$cmd" in
+    setup)
+        setup
+        ;;
+    demo)
+        setup
+        "$VENV/bin/dcpio" demo "$@"
+        ;;
+    test)
+        setup
+        "$VENV/bin/ruff" check src tests
+        "$VENV/bin/ruff" format --check src tests
+        "$VENV/bin/mypy"
+        "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+        ;;
+    *)
+        echo "usage: bash scripts/dev.sh {demo [DIR]|test [pytest args]|setup}" >&2
+        exit 2
+        ;;
+esac
