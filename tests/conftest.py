@@ -16,8 +16,10 @@ __all__ = ["assert_tree_equal", "bitwise_equal"]
 
 
 @pytest.fixture(autouse=True)
-def _quiet_single_process_dcp() -> Iterator[None]:
+def _quiet_dcp() -> Iterator[None]:
     # dcp.save/load without a process group warn on every call; the tests do that on purpose
+    # torch's DCP logs every step at DEBUG; on a failure that buries the traceback
+    logging.getLogger("c10d-NullHandler-dcp_logger").setLevel(logging.INFO)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         warnings.filterwarnings("ignore", message=".*Detected an existing checkpoint.*")
@@ -34,8 +36,3 @@ def ckpt_dir(tmp_path: Path) -> Path:
 def bitwise() -> Callable[[object, object], bool]:
     """The :func:`helpers.bitwise_equal` comparison as a fixture."""
     return bitwise_equal
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # torch's DCP logs every step at DEBUG; on a failure that buries the traceback
-    logging.getLogger("c10d-NullHandler-dcp_logger").setLevel(logging.INFO)

@@ -122,9 +122,7 @@ def assert_tree_equal(expected: object, actual: object, path: str = "") -> None:
         if not isinstance(actual, torch.Tensor):
             raise AssertionError(f"{where}: expected {_describe(expected)}, got {_describe(actual)}")
         if not bitwise_equal(expected, actual):
-            raise AssertionError(
-                f"{where}: tensors differ: expected {_describe(expected)}, got {_describe(actual)}"
-            )
+            raise AssertionError(f"{where}: tensors differ: expected {_describe(expected)}, got {_describe(actual)}")
         return
     if isinstance(expected, Mapping):
         if not isinstance(actual, Mapping):
@@ -195,9 +193,7 @@ def make_state_dict(
     """
     gen = torch.Generator().manual_seed(seed)
     sd: dict[str, Any] = {}
-    sd["dtypes"] = {
-        _dtype_name(dt): rand_tensor(shape, dt, gen) for dt in all_dtypes(complex_=complex_, exotic=exotic)
-    }
+    sd["dtypes"] = {_dtype_name(dt): rand_tensor(shape, dt, gen) for dt in all_dtypes(complex_=complex_, exotic=exotic)}
     sd["shapes"] = {
         "scalar_f32": rand_tensor((), torch.float32, gen),
         "scalar_i64": rand_tensor((), torch.int64, gen),
@@ -459,11 +455,7 @@ def spawn_ranks(
                 "DCPIO_TEST_PG_TIMEOUT": str(int(timeout)),
             }
         )
-        cmd = (
-            [sys.executable, target, *map(str, args)]
-            if is_script
-            else [sys.executable, "-c", _RANK_BOOTSTRAP]
-        )
+        cmd = [sys.executable, target, *map(str, args)] if is_script else [sys.executable, "-c", _RANK_BOOTSTRAP]
         out_path, err_path = log_dir / f"rank{rank}.out", log_dir / f"rank{rank}.err"
         logs.append((out_path, err_path))
         with out_path.open("wb") as out, err_path.open("wb") as err:
@@ -491,13 +483,11 @@ def spawn_ranks(
     errs = [e.read_text(errors="replace") for _, e in logs]
     if timed_out or any(p.returncode != 0 for p in procs):
         parts = [
-            f"spawn_ranks({world_size}, {target!r}) failed"
-            + (f" (timed out after {timeout}s)" if timed_out else "")
+            f"spawn_ranks({world_size}, {target!r}) failed" + (f" (timed out after {timeout}s)" if timed_out else "")
         ]
         for rank, p in enumerate(procs):
             parts.append(
-                f"=== rank {rank}: exit {p.returncode} ===\n--- stdout ---\n{outs[rank]}\n"
-                f"--- stderr ---\n{errs[rank]}"
+                f"=== rank {rank}: exit {p.returncode} ===\n--- stdout ---\n{outs[rank]}\n--- stderr ---\n{errs[rank]}"
             )
         raise AssertionError("\n".join(parts))
     return outs

@@ -40,9 +40,8 @@ def _roundtrip_cases() -> list[Any]:
     for fmt, threads, single, sync, zstd in itertools.product(
         FORMATS, (1, 3), (True, False), (True, False), (False, True)
     ):
-        cid = (
-            f"{_fmt_id(fmt)}-t{threads}-{'single' if single else 'per_item'}-{'sync' if sync else 'nosync'}"
-            + ("-zstd" if zstd else "")
+        cid = f"{_fmt_id(fmt)}-t{threads}-{'single' if single else 'per_item'}-{'sync' if sync else 'nosync'}" + (
+            "-zstd" if zstd else ""
         )
         cases.append(pytest.param(fmt, threads, single, sync, zstd, id=cid))
     return cases
@@ -77,18 +76,12 @@ def test_roundtrip_every_dtype_shape_view_and_object(
         assert (ckpt_dir / rel).is_file(), f"metadata names {rel}, which is not on disk"
         assert re.fullmatch(r"__0_\d+(\.[^/]+)?\.distcp", rel), f"unexpected data file name {rel!r}"
     if single_file:
-        assert len(rel_paths) <= threads, (
-            f"single_file_per_rank=True with {threads} threads wrote {sorted(rel_paths)}"
-        )
+        assert len(rel_paths) <= threads, f"single_file_per_rank=True with {threads} threads wrote {sorted(rel_paths)}"
     else:
-        assert len(rel_paths) == len(md.storage_data), (
-            "single_file_per_rank=False must write one file per item"
-        )
+        assert len(rel_paths) == len(md.storage_data), "single_file_per_rank=False must write one file per item"
     if zstd:
         descriptors = {tuple(info.transform_descriptors or ()) for info in md.storage_data.values()}
-        assert all("stream.zstd/1" in d for d in descriptors), (
-            f"items without the zstd descriptor: {descriptors}"
-        )
+        assert all("stream.zstd/1" in d for d in descriptors), f"items without the zstd descriptor: {descriptors}"
 
 
 def test_zstd_actually_compresses(tmp_path: Path) -> None:
@@ -130,9 +123,7 @@ def test_load_into_non_contiguous_destinations(ckpt_dir: Path, fmt: Any) -> None
     # the views are the caller's own tensors: the values must land in the caller's buffers, not in copies
     assert_tree_equal(sd["a"], buf_a.t())
     assert_tree_equal(sd["b"], buf_b[::2, ::2])
-    assert torch.equal(buf_b[1::2], torch.zeros(4, 12, dtype=torch.bfloat16)), (
-        "bytes outside the view changed"
-    )
+    assert torch.equal(buf_b[1::2], torch.zeros(4, 12, dtype=torch.bfloat16)), "bytes outside the view changed"
     assert torch.equal(buf_c[:2], torch.zeros(2, dtype=torch.int64)), "bytes before the view changed"
 
 

@@ -98,9 +98,7 @@ _STOCK_WRITER_CASES: dict[str, str] = {
 
 
 def test_stock_torch_checkpoints_load_with_dcpio_reader(tmp_path: Path) -> None:
-    cases = [
-        (name, str(tmp_path / name), 200 + i, kw) for i, (name, kw) in enumerate(_STOCK_WRITER_CASES.items())
-    ]
+    cases = [(name, str(tmp_path / name), 200 + i, kw) for i, (name, kw) in enumerate(_STOCK_WRITER_CASES.items())]
     over = str(tmp_path / "overwritten")
     lines = [
         "import torch.distributed.checkpoint as dcp",
@@ -190,9 +188,7 @@ except BaseException as err:
 
 
 @pytest.mark.parametrize("case", sorted(_STOCK_ST_CASES))
-def test_stock_safetensors_format_loads_with_dcpio(
-    stock_safetensors_checkpoints: dict[str, Any], case: str
-) -> None:
+def test_stock_safetensors_format_loads_with_dcpio(stock_safetensors_checkpoints: dict[str, Any], case: str) -> None:
     (_name, path, seed, _kw) = next(c for c in stock_safetensors_checkpoints["cases"] if c[0] == case)
     expected = _safetensors_sd(seed)
     for threads in (1, 3):
@@ -205,9 +201,7 @@ def test_stock_reader_cannot_load_stock_safetensors_format(
     stock_safetensors_checkpoints: dict[str, Any],
 ) -> None:
     """Documents the gap dcpio fills: torch 2.13's reader fails on its own SAFETENSORS-format checkpoints."""
-    line = next(
-        ln for ln in stock_safetensors_checkpoints["stdout"].splitlines() if ln.startswith("STOCK_READER")
-    )
+    line = next(ln for ln in stock_safetensors_checkpoints["stdout"].splitlines() if ln.startswith("STOCK_READER"))
     if line == "STOCK_READER ok":
         pytest.skip("this torch's FileSystemReader loads SAFETENSORS-format checkpoints itself")
     assert line.startswith("STOCK_READER failed"), line
@@ -216,9 +210,7 @@ def test_stock_reader_cannot_load_stock_safetensors_format(
 def test_non_contiguous_tensors_in_safetensors_format(
     stock_safetensors_checkpoints: dict[str, Any], tmp_path: Path
 ) -> None:
-    line = next(
-        ln for ln in stock_safetensors_checkpoints["stdout"].splitlines() if ln.startswith("STOCK_NONCONTIG")
-    )
+    line = next(ln for ln in stock_safetensors_checkpoints["stdout"].splitlines() if ln.startswith("STOCK_NONCONTIG"))
     if line == "STOCK_NONCONTIG ok":
         pytest.skip("this torch's writer accepts non-contiguous tensors in the SAFETENSORS format")
     assert "contiguous" in line, line  # torch refuses them...
