@@ -774,6 +774,8 @@ class HuggingFaceStorageReader(StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Parse every file's header (validated, in parallel) and describe the tensors as DCP metadata."""
+        if "rank" in kwargs:  # dcp.load retries with rank= after a failure; HF folders have no per-rank metadata
+            raise IncompleteCheckpointError(f"{self.path}: Hugging Face folders have no per-rank metadata")
         names, weight_map = self._files()
         paths = [self._check_inside(n) for n in names]
         headers = _parallel(lambda p: _read_header(self.fs, p), paths, self.thread_count)
