@@ -45,6 +45,8 @@ from dcpio.transforms import apply_decode, encode
 
 __all__ = ["FileJob", "ReadOptions", "WriteOptions", "read_plan", "write_files"]
 
+_SMALL_ITEM = 256 << 10  # items up to this size are read with one call and parsed in memory
+
 
 # ======================================================================================================== save
 @dataclass(frozen=True)
@@ -244,28 +246,30 @@ def _load_tensor_group(
     handle = handles(path)
     base = info.offset
 
+    if base + info.length > handle.size():
+        raise CorruptCheckpointError(
+            f"{where}: the item spans bytes [{base}, {base + info.length}) but {path} has {handle.size()} bytes; "
+            "the file is truncated. Restore it or load an earlier checkpoint."
+        )
     if info.transform_descriptors:
         stored = _read_verified(handle, base, base + info.length, None, sums, opts.verify, where)
         raw = apply_decode(opts.registry, info.transform_descriptors, bytes(stored))
-        if not raw.startswith(ZIP_MAGIC):
+        if raw[:4] != ZIP_MAGIC:
             raise CorruptCheckpointError(f"{where}: decoded item is not a torch.save record")
-        rec = parse_tensor_item(lambda o, n: raw[o : o + n], len(raw), where)
-        whole = (
-            torch.frombuffer(bytearray(raw[rec.data_offset : rec.data_offset + rec.data_length]), dtype=torch.uint8)
-            if rec.data_length
-            else torch.empty(0, dtype=torch.uint8)
-        )
-        for req in group.requests:
-            _copy_from_storage(whole, rec, req, targets[id(req)], where)
+        _copy_from_record_bytes(memoryview(raw), group, targets, where)
         return
+    if info.length <= _SMALL_ITEM:
+        # one read for the whole record instead of header, directory and data reads: small items are syscall-bound
+        stored = memoryview(bytearray(info.length))
+        handle.readinto(base, stored)
+        if stored[:4] == ZIP_MAGIC:
+            if opts.verify and sums is not None:
+                verify_pieces(sums, [(base, stored)], handle.path, where)
+            _copy_from_record_bytes(stored, group, targets, where)
+            return
 
-    magic = handle.read(base, min(4, max(info.length, 0))) if info.length >= 4 else b""
+    magic = handle.read(base, 4) if info.length >= 4 else b""
     if magic == ZIP_MAGIC:
-        if base + info.length > handle.size():
-            raise CorruptCheckpointError(
-                f"{where}: the item spans bytes [{base}, {base + info.length}) but {path} has {handle.size()} bytes; "
-                "the file is truncated. Restore it or load an earlier checkpoint."
-            )
         rec = parse_tensor_item(lambda o, n: handle.read(base + o, n), info.length, where)
         data_base = base + rec.data_offset
     else:
@@ -274,6 +278,17 @@ def _load_tensor_group(
         rec, data_base = dcp_safetensors.locate(handle, info, fqn, where)
     for req in group.requests:
         _read_request(handle, rec, data_base, req, targets[id(req)], sums, opts.verify, where)
+
+
+def _copy_from_record_bytes(raw: memoryview, group: _Group, targets: dict[int, torch.Tensor], where: str) -> None:
+    """Serve every request of ``group`` from a whole ``torch.save`` record held in memory."""
+    rec = parse_tensor_item(lambda o, n: bytes(raw[o : o + n]), len(raw), where)
+    if rec.data_length:
+        whole = torch.frombuffer(raw[rec.data_offset : rec.data_offset + rec.data_length], dtype=torch.uint8)
+    else:
+        whole = torch.empty(0, dtype=torch.uint8)
+    for req in group.requests:
+        _copy_from_storage(whole, rec, req, targets[id(req)], where)
 
 
 def _check_box(rec: TensorRecord, req: ReadItem, target: torch.Tensor, where: str) -> None:
@@ -355,7 +370,7 @@ def _load_bytes_group(path: str, group: _Group, opts: ReadOptions, handles: Call
     )
     data = bytes(stored)
     if info.transform_descriptors:
-        data = apply_decode(opts.registry, info.transform_descriptors, data)
+        data = bytes(apply_decode(opts.registry, info.transform_descriptors, data))
     return data
 
 

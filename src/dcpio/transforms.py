@@ -136,10 +136,18 @@ def encode(extensions: Sequence[_TorchStreamTransform], pieces: Sequence[memoryv
     return sink.parts
 
 
-def apply_decode(registry: Any, descriptors: Sequence[str], stored: bytes) -> bytes:
-    """Undo the transforms named by ``descriptors`` (as recorded at save time) on ``stored`` bytes."""
+def apply_decode(registry: Any, descriptors: Sequence[str], stored: bytes) -> bytearray:
+    """Undo the transforms named by ``descriptors`` (as recorded at save time) on ``stored`` bytes.
+
+    Returns a writable buffer, so tensors can be viewed on it without a further copy.
+    """
     stream: IO[bytes] = io.BytesIO(stored)
     for ext in registry.from_descriptor_list(descriptors):
         if isinstance(ext, _TorchStreamTransform):
             stream = ext.transform_from(stream)
-    return stream.read()
+    out = bytearray()
+    while True:
+        chunk = stream.read(4 << 20)
+        if not chunk:
+            return out
+        out += chunk

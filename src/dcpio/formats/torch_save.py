@@ -314,9 +314,14 @@ def parse_tensor_item(read: Callable[[int, int], bytes], length: int, where: str
     cap = max_record_header_bytes()
     if length < _EOCD.size + _LOCAL.size:
         raise _corrupt(where, f"item of {length} bytes is too short to be a torch.save record")
-    tail_len = min(length, 1 << 16)
+    tail_len = min(length, 4096)  # the directory of a tensor record is well under 1 KiB
     tail = read(length - tail_len, tail_len)
     pos = tail.rfind(struct.pack("<I", _SIG_EOCD))
+    if (pos < 0 or pos + _EOCD.size > len(tail)) and tail_len < length:
+        # a zip comment can push the end record further back (up to 64 KiB); look there before giving up
+        tail_len = min(length, (1 << 16) + _EOCD.size)
+        tail = read(length - tail_len, tail_len)
+        pos = tail.rfind(struct.pack("<I", _SIG_EOCD))
     if pos < 0 or pos + _EOCD.size > len(tail):
         raise _corrupt(where, "no zip end-of-central-directory record: not a torch.save record")
     _, _, _, _, total, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, pos)
