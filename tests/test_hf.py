@@ -260,7 +260,7 @@ def test_truncated_and_corrupted_files(tmp_path: Path) -> None:
     broken[8 + n // 2] = ord("}")
     for bad in (blob[:-5], bytes(broken), blob[:6]):
         path.write_bytes(bad)
-        with pytest.raises(CorruptCheckpointError, match="model.safetensors"):
+        with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors"):
             HuggingFaceStorageReader(str(tmp_path)).read_metadata()
         # through dcp.load torch keeps only the message of a read_metadata error (in an AssertionError)
         with pytest.raises(BaseException, match="not a valid safetensors file"):
@@ -357,8 +357,12 @@ def test_consolidate_every_dtype_gaps_and_uneven(tmp_path: Path) -> None:
     shards.mkdir()
     full = {f"t.{d}": rand_tensor([6, 5], d, g) for d in (torch.int64, torch.bool, torch.bfloat16, torch.uint8)}
     # rank 1 holds rows 0..3 and columns 0..2, rank 2 rows 4..5 / columns 3..4 (Shard(0) and Shard(1) mixes)
-    _manual_shard(shards / "shard-00001-model-00001-of-00001.safetensors", {k: (v[:4], [0, 0]) for k, v in full.items()})
-    _manual_shard(shards / "shard-00002-model-00001-of-00001.safetensors", {k: (v[4:], [4, 0]) for k, v in full.items()})
+    _manual_shard(
+        shards / "shard-00001-model-00001-of-00001.safetensors", {k: (v[:4], [0, 0]) for k, v in full.items()}
+    )
+    _manual_shard(
+        shards / "shard-00002-model-00001-of-00001.safetensors", {k: (v[4:], [4, 0]) for k, v in full.items()}
+    )
     gap = torch.arange(40, dtype=torch.float32).reshape(8, 5)
     cols = torch.randn(3, 8, generator=g)
     _manual_shard(
@@ -372,7 +376,10 @@ def test_consolidate_every_dtype_gaps_and_uneven(tmp_path: Path) -> None:
     out = tmp_path / "out"
     mapping = {**{k: 1 for k in full}, "gap": 2, "cols": 2}
     consolidate_safetensors_files(str(shards), str(out), mapping, num_threads=2)
-    got = {**load_file(str(out / "model-00001-of-00002.safetensors")), **load_file(str(out / "model-00002-of-00002.safetensors"))}
+    got = {
+        **load_file(str(out / "model-00001-of-00002.safetensors")),
+        **load_file(str(out / "model-00002-of-00002.safetensors")),
+    }
     for k, v in full.items():
         assert bitwise_equal(got[k], v), k
     want_gap = gap.clone()
@@ -451,7 +458,10 @@ def test_two_gloo_ranks_save_distributed_and_consolidate(tmp_path: Path) -> None
     assert [o.strip().splitlines()[-1] for o in outs] == ["rank 0 ok", "rank 1 ok"]
     orig = _originals()
     shard_files = sorted(p.name for p in (tmp_path / "distributed").iterdir())
-    assert shard_files == ["shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    assert shard_files == [
+        "shard-00001-model-00001-of-00001.safetensors",
+        "shard-00002-model-00001-of-00001.safetensors",
+    ]
     assert sorted(p.name for p in (tmp_path / "consolidated" / "sharded").iterdir()) == [
         f"shard-0000{r}-model-0000{i}-of-00002.safetensors" for r in (1, 2) for i in (1, 2)
     ]

@@ -168,7 +168,7 @@ def test_parse_header_rejects(blob: bytes, needle: str) -> None:
 
 def test_parse_header_names_the_tensor() -> None:
     blob = _forge({"layer.7.w": {"dtype": "I32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8)
-    with pytest.raises(CorruptCheckpointError, match="layer.7.w"):
+    with pytest.raises(CorruptCheckpointError, match=r"layer\.7\.w"):
         parse_header(blob, len(blob), "f")
 
 

@@ -1,6 +1,6 @@
-"""Hugging Face safetensors storage for DCP: save into the layout the hub and ``transformers`` load, load any hub folder.
+"""Hugging Face safetensors storage for DCP: save in the layout the hub and ``transformers`` load; load hub folders.
 
-Layout written (the facts match torch's ``hf_storage``, so torch's reader, ``safetensors`` and ``transformers`` load it):
+Layout written (facts as in torch's ``hf_storage``, so torch's reader, ``safetensors`` and ``transformers`` load it):
 
 * ``model-0000i-of-0000N.safetensors`` per file index of ``fqn_to_index_mapping`` (one ``model-00001-of-00001``
   without it) and ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``), written last.
@@ -143,9 +143,7 @@ def _sharding_info(header: SafetensorsHeader) -> dict[str, list[int]]:
     try:
         info = json.loads(raw)
     except (ValueError, RecursionError) as err:
-        raise CorruptCheckpointError(
-            f"{header.path}: {SHARDING_INFO_KEY} in the header is not JSON: {err}"
-        ) from err
+        raise CorruptCheckpointError(f"{header.path}: {SHARDING_INFO_KEY} in the header is not JSON: {err}") from err
     if not isinstance(info, dict):
         raise CorruptCheckpointError(f"{header.path}: {SHARDING_INFO_KEY} is not a JSON object")
     for name, entry in header.tensors.items():
@@ -175,15 +173,11 @@ def _read_header(fs: FileSystemBase, path: str) -> SafetensorsHeader:
 
 def _list_safetensors(fs: FileSystemBase, directory: str) -> list[str]:
     return sorted(
-        p
-        for p in fs.ls(directory)
-        if os.path.basename(p).endswith(SUFFIX) and not os.path.basename(p).startswith(".")
+        p for p in fs.ls(directory) if os.path.basename(p).endswith(SUFFIX) and not os.path.basename(p).startswith(".")
     )
 
 
-def _write_index(
-    fs: FileSystemBase, directory: str, weight_map: Mapping[str, str], total: int, sync: bool
-) -> None:
+def _write_index(fs: FileSystemBase, directory: str, weight_map: Mapping[str, str], total: int, sync: bool) -> None:
     doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     fs.write_file_atomic(_join(fs, directory, INDEX_NAME), (json.dumps(doc, indent=2) + "\n").encode(), sync)
 
@@ -250,9 +244,7 @@ class HuggingFaceStorageWriter(StorageWriter):
         if self.fqn_to_index_mapping is not None:
             bad = {k: v for k, v in self.fqn_to_index_mapping.items() if not isinstance(v, int) or v < 1}
             if bad:
-                raise ValueError(
-                    f"fqn_to_index_mapping values must be file indices >= 1; got {list(bad.items())[:5]}"
-                )
+                raise ValueError(f"fqn_to_index_mapping values must be file indices >= 1; got {list(bad.items())[:5]}")
 
     @property
     def _data_dir(self) -> str:
@@ -365,10 +357,7 @@ class HuggingFaceStorageWriter(StorageWriter):
                 shape[-1] *= 2
             specs.append((fqn, st, shape))
         entries = layout(specs)
-        sharding = {
-            fqn: {SAVED_OFFSETS_KEY: [int(o) for o in by_fqn[fqn].tensor_data.chunk.offsets]}
-            for fqn in by_fqn
-        }  # type: ignore[union-attr]
+        sharding = {fqn: {SAVED_OFFSETS_KEY: [int(o) for o in by_fqn[fqn].tensor_data.chunk.offsets]} for fqn in by_fqn}  # type: ignore[union-attr]
         metadata = {SHARDING_INFO_KEY: json.dumps(sharding), "DCP_VERSION": _DCP_VERSION, "format": "pt"}
 
         def resolve(fqn: str) -> torch.Tensor:
@@ -443,9 +432,7 @@ def _elem_bytes(st_dtype: str, path: str, name: str) -> int:
         return 1  # torch packs two F4 values per byte
     bits = DTYPES[st_dtype].bits
     if bits % 8:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} has dtype {st_dtype}, which cannot be consolidated by bytes"
-        )
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {st_dtype}, which cannot be consolidated by bytes")
     return bits // 8
 
 
@@ -638,9 +625,7 @@ def consolidate_safetensors_files_on_every_rank(
     if error is not None:
         raise error
     if any(failed):
-        raise CheckpointWriteError(
-            f"{output_dir}: consolidation failed on another rank; see that rank's error"
-        )
+        raise CheckpointWriteError(f"{output_dir}: consolidation failed on another rank; see that rank's error")
     if rank == 0:
         _write_index(fs, str(output_dir), weight_map, total, sync)
         _remove_stale(fs, str(output_dir), set(weight_map.values()))
@@ -767,9 +752,7 @@ class HuggingFaceStorageReader(StorageReader):
         if root is not None:
             real = os.path.realpath(path)
             if os.path.commonpath([real, root]) != root:
-                raise UnsafeCheckpointError(
-                    f"{path}: resolves to {real}, outside the checkpoint folder {root}"
-                )
+                raise UnsafeCheckpointError(f"{path}: resolves to {real}, outside the checkpoint folder {root}")
         return path
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -826,14 +809,10 @@ class HuggingFaceStorageReader(StorageReader):
             storage_meta=StorageMeta(checkpoint_id=self.path, load_id=self.load_id),
         )
 
-    def set_up_storage_reader(
-        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
-    ) -> None:
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.storage_data = metadata.storage_data  # type: ignore[assignment]
         if not isinstance(self.storage_data, dict):
-            raise CheckpointError(
-                f"{self.path}: metadata did not come from HuggingFaceStorageReader.read_metadata"
-            )
+            raise CheckpointError(f"{self.path}: metadata did not come from HuggingFaceStorageReader.read_metadata")
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -848,7 +827,7 @@ class HuggingFaceStorageReader(StorageReader):
             if info is None:
                 raise PlanMismatchError(
                     f"{self.path}: the plan asks for {req.storage_index.fqn!r} at offsets "
-                    f"{list(req.storage_index.offset)}, which no file here holds"
+                    f"{list(req.storage_index.offset or ())}, which no file here holds"
                 )
             jobs.append((req, info))
         # sorted by file and offset: neighbouring requests hit neighbouring pages
@@ -858,23 +837,20 @@ class HuggingFaceStorageReader(StorageReader):
             for name in sorted({info.relative_path for _, info in jobs}):
                 handles[name] = self.fs.open_reader(_join(self.fs, self.path, name))
             threads = self.thread_count if self.fs.supports_parallel_reads else 1
-            _parallel(
-                lambda j: self._read_item(handles[j[1].relative_path], j[0], j[1], planner), jobs, threads
-            )
+            _parallel(lambda j: self._read_item(handles[j[1].relative_path], j[0], j[1], planner), jobs, threads)
         finally:
             for h in handles.values():
                 h.close()
         return _done(None)
 
-    def _read_item(
-        self, handle: ReadHandle, req: ReadItem, info: _HFStorageInfo, planner: LoadPlanner
-    ) -> None:
+    def _read_item(self, handle: ReadHandle, req: ReadItem, info: _HFStorageInfo, planner: LoadPlanner) -> None:
         target = planner.resolve_tensor(req).detach()
         lengths = tuple(int(n) for n in req.lengths)
         if tuple(target.shape) != lengths:
             raise PlanMismatchError(
                 f"{handle.path}: tensor {info.key!r}: the destination has shape {list(target.shape)} but the plan "
-                f"reads {list(lengths)} of the stored {list(info.shape)} ({info.dtype}); the model and checkpoint differ"
+                f"reads {list(lengths)} of the stored {list(info.shape)} ({info.dtype}); "
+                "the model and the checkpoint differ"
             )
         direct = is_dense_cpu(target) and target.dtype == info.dtype
         dest = target if direct else torch.empty(lengths, dtype=info.dtype)
@@ -975,9 +951,7 @@ def _check_state_dict(state_dict: Mapping[str, Any], metadata: Metadata | None, 
 
 
 # ---------------------------------------------------------------------------------------------------------- bench
-def bench_hf(
-    tmpdir: str, size_bytes: int, rounds: int = 3, thread_count: int | None = None
-) -> dict[str, float]:
+def bench_hf(tmpdir: str, size_bytes: int, rounds: int = 3, thread_count: int | None = None) -> dict[str, float]:
     """Load a ~``size_bytes`` hub-style folder into preallocated tensors: dcpio reader vs ``load_file`` + ``copy_``.
 
     Writes 16 float32 matrices (four files, with an index) under ``tmpdir``, then alternates the two loads ``rounds``

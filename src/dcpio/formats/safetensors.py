@@ -111,9 +111,7 @@ DTYPES: dict[str, SafetensorsDtype] = {
 }
 """Every dtype the safetensors format defines, by header name."""
 
-_TORCH_TO_ST: dict[torch.dtype, SafetensorsDtype] = {
-    d.torch_dtype: d for d in DTYPES.values() if d.torch_dtype
-}
+_TORCH_TO_ST: dict[torch.dtype, SafetensorsDtype] = {d.torch_dtype: d for d in DTYPES.values() if d.torch_dtype}
 _F4 = _td("float4_e2m1fn_x2")
 
 
@@ -232,9 +230,7 @@ def layout(specs: Iterable[tuple[str, str, Sequence[int]]], sort: bool = True) -
         if dtype not in DTYPES:
             raise CheckpointError(f"tensor {name!r}: {dtype!r} is not a safetensors dtype")
         if _nbytes(dtype, shape) < 0:
-            raise CheckpointError(
-                f"tensor {name!r}: shape {list(shape)} of {dtype} is not a whole number of bytes"
-            )
+            raise CheckpointError(f"tensor {name!r}: shape {list(shape)} of {dtype} is not a whole number of bytes")
     if sort:
         items.sort(key=lambda it: (-DTYPES[it[1]].rank, it[0]))
     out: list[TensorEntry] = []
@@ -322,9 +318,7 @@ def parse_header(
 
         def fetch(offset: int, length: int) -> bytes:
             if offset + length > len(raw):
-                raise _corrupt(
-                    path, f"needs bytes [{offset}, {offset + length}) but only {len(raw)} were given"
-                )
+                raise _corrupt(path, f"needs bytes [{offset}, {offset + length}) but only {len(raw)} were given")
             return raw[offset : offset + length]
 
     else:
@@ -344,9 +338,7 @@ def parse_header(
             "corrupt or hostile; raise DCPIO_MAX_HEADER_BYTES only if you trust it"
         )
     if header_len > size - _HEADER_LEN_BYTES:
-        raise _corrupt(
-            path, f"the header claims {header_len} bytes but the file has only {size - 8} after the length"
-        )
+        raise _corrupt(path, f"the header claims {header_len} bytes but the file has only {size - 8} after the length")
     data_start = _HEADER_LEN_BYTES + header_len
     data_len = size - data_start
     text = fetch(_HEADER_LEN_BYTES, header_len)
@@ -355,9 +347,7 @@ def parse_header(
     try:
         doc = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise _corrupt(
-            path, f"the header is not valid JSON ({type(err).__name__}: {str(err)[:200]})"
-        ) from err
+        raise _corrupt(path, f"the header is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from err
     if not isinstance(doc, dict):
         raise _corrupt(path, "the header is not a JSON object")
 
@@ -376,11 +366,7 @@ def parse_header(
         offsets = info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise _corrupt(path, f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
-        if (
-            not isinstance(shape, list)
-            or len(shape) > _MAX_NDIM
-            or not all(_is_int(d) and d >= 0 for d in shape)
-        ):
+        if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
             raise _corrupt(
                 path, f"shape {str(shape)[:100]} is not a list of at most {_MAX_NDIM} non-negative ints", name
             )
@@ -411,18 +397,12 @@ def parse_header(
     expected = 0
     for entry in sorted(tensors.values(), key=lambda e: (e.begin, e.end)):
         if entry.begin != expected:
-            what = (
-                "overlaps the previous tensor"
-                if entry.begin < expected
-                else f"leaves a gap at byte {expected}"
-            )
+            what = "overlaps the previous tensor" if entry.begin < expected else f"leaves a gap at byte {expected}"
             raise _corrupt(path, f"data_offsets [{entry.begin}, {entry.end}] {what}", entry.name)
         expected = entry.end
     if expected != data_len:
         raise _corrupt(path, f"the tensors cover {expected} bytes of a {data_len}-byte data section")
-    return SafetensorsHeader(
-        path=path, tensors=tensors, metadata=metadata, data_start=data_start, file_size=size
-    )
+    return SafetensorsHeader(path=path, tensors=tensors, metadata=metadata, data_start=data_start, file_size=size)
 
 
 def write_file(
@@ -456,9 +436,7 @@ def write_file(
     by_name: dict[str, torch.Tensor] = {}
     for name, tensor in pairs:
         if name in by_name:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} is given twice; names in a safetensors file are unique"
-            )
+            raise CheckpointError(f"{path}: tensor {name!r} is given twice; names in a safetensors file are unique")
         if tensor.layout != torch.strided:
             raise CheckpointError(f"{path}: tensor {name!r} is {tensor.layout}; call .to_dense() first")
         by_name[name] = tensor
@@ -482,9 +460,7 @@ def write_entries(
     shape are checked against its entry. Returns the file's length; see :func:`write_file` for the other arguments.
     """
     if sys.byteorder != "little":
-        raise CheckpointError(
-            "safetensors files are little-endian; writing them on a big-endian host is unsupported"
-        )
+        raise CheckpointError("safetensors files are little-endian; writing them on a big-endian host is unsupported")
     head = encode_header(entries, metadata)
     target = f"{path}.tmp" if atomic else path
     handle = fs.open_writer(target)
