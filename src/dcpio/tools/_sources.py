@@ -122,9 +122,7 @@ class _ItemPlanner(LoadPlanner):
         self.dest = dest
         self.blobs: dict[str, bytes] = {}
 
-    def set_up_planner(
-        self, state_dict: Any, metadata: Metadata | None = None, is_coordinator: bool = False
-    ) -> None:
+    def set_up_planner(self, state_dict: Any, metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
         return None
 
     def create_local_plan(self) -> LoadPlan:
@@ -267,9 +265,7 @@ def decode_object(blob: bytes, where: str) -> Any:
     """Unpickle a DCP object entry with ``weights_only=True``: plain data only, no code runs."""
     try:
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as err:  # torch raises UnpicklingError, RuntimeError or ValueError for refused/odd payloads
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or ValueError for refused/odd payloads
         raise CheckpointError(
             f"{where}: this non-tensor value cannot be decoded safely (weights_only=True refused it: "
             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}); it is left out"

@@ -21,6 +21,7 @@ import mmap
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,9 +91,7 @@ def _prepare_dir(dst: str, overwrite: bool) -> None:
     if os.path.exists(dst):
         if not os.path.isdir(dst):
             if not overwrite:
-                raise CheckpointExistsError(
-                    f"{dst}: exists and is a file; choose a new DST or pass overwrite"
-                )
+                raise CheckpointExistsError(f"{dst}: exists and is a file; choose a new DST or pass overwrite")
             os.remove(dst)
         elif os.listdir(dst):
             if not overwrite:
@@ -103,9 +102,7 @@ def _prepare_dir(dst: str, overwrite: bool) -> None:
     os.makedirs(dst, exist_ok=True)
 
 
-def _to_hf(
-    src: Source, dst: str, max_shard_size: int, progress: ProgressFn | None, res: ConvertResult
-) -> None:
+def _to_hf(src: Source, dst: str, max_shard_size: int, progress: ProgressFn | None, res: ConvertResult) -> None:
     entries = src.entries()
     tensors = [e for e in entries if e.kind == "tensor"]
     res.skipped = [e.name for e in entries if e.kind != "tensor"]
@@ -173,19 +170,17 @@ def _to_dcp(src: Source, dst: str, progress: ProgressFn | None, res: ConvertResu
         state = {e.name: src.load_mmap(e.name) for e in src.entries()}
     elif isinstance(src, TorchFileSource):
         if not isinstance(src.obj, dict):
-            raise CheckpointError(
-                f"{src.path}: holds a {type(src.obj).__name__}, not a dict; DCP saves dicts only"
-            )
+            raise CheckpointError(f"{src.path}: holds a {type(src.obj).__name__}, not a dict; DCP saves dicts only")
         state = src.obj
     else:
-        raise CheckpointError(
-            f"{src.path}: is already a DCP checkpoint; convert it --to hf or --to torch (or copy it)"
-        )
+        raise ValueError(f"{src.path}: is already a DCP checkpoint; convert it --to hf or --to torch (or copy it)")
     entries = src.entries()
     total = sum(e.nbytes for e in entries)
     if progress is not None:
         progress("convert", 0, total)
-    dcp.save(state, storage_writer=_make_writer(dst), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group: saving in a single process" is what we want
+        dcp.save(state, storage_writer=_make_writer(dst), no_dist=True)
     res.tensors = sum(1 for e in entries if e.kind == "tensor")
     res.bytes = total
     res.files = sorted(os.listdir(dst)) if not is_url(dst) else []
@@ -295,8 +290,9 @@ def convert(
 
     Raises:
         dcpio.CheckpointExistsError: ``dst`` exists and ``overwrite`` is False.
-        dcpio.CheckpointError: the conversion is not possible (e.g. DCP to DCP, a non-dict torch file).
-        ValueError: an unknown ``to`` or an unreadable ``max_shard_size``.
+        dcpio.CheckpointError: the source cannot be read or converted (e.g. a torch file holding no dict).
+        ValueError: an unknown ``to``, an unreadable ``max_shard_size``, or a pointless conversion (DCP to DCP,
+            same format, same path).
     """
     to = to.lower()
     if to not in ("hf", "dcp", "torch"):
@@ -305,9 +301,9 @@ def convert(
     src_s, dst_s = str(src), str(dst)
     found = detect(src_s)
     if found.kind == to and to != "dcp":
-        raise CheckpointError(f"{src_s} is already in {to} format; nothing to convert")
+        raise ValueError(f"{src_s} is already in {to} format; nothing to convert")
     if os.path.abspath(src_s) == os.path.abspath(dst_s) and not is_url(src_s):
-        raise CheckpointError(f"{src_s}: source and destination are the same; choose another DST")
+        raise ValueError(f"{src_s}: source and destination are the same; choose another DST")
     source: Source
     if found.kind == "dcp":
         source = DcpSource(found.path)
@@ -319,9 +315,7 @@ def convert(
     try:
         if to == "torch":
             if os.path.exists(dst_s) and not overwrite:
-                raise CheckpointExistsError(
-                    f"{dst_s}: exists; choose a new DST or pass --overwrite to replace it"
-                )
+                raise CheckpointExistsError(f"{dst_s}: exists; choose a new DST or pass --overwrite to replace it")
             _to_torch(source, dst_s, progress, res)
         elif to == "hf":
             _prepare_dir(dst_s, overwrite)

@@ -130,9 +130,7 @@ def _inspect_dcp(src: DcpSource) -> CheckpointSummary:
             if len(head) == 9 and head[:4] != b"PK\x03\x04" and head[8:9] == b"{":
                 fmt = "dcp safetensors"
             break
-    writer = (
-        "dcpio" if any(getattr(i, "dcpio_checksum", None) is not None for i in storage.values()) else "torch"
-    )
+    writer = "dcpio" if any(getattr(i, "dcpio_checksum", None) is not None for i in storage.values()) else "torch"
 
     items = []
     for entry in src.entries():
@@ -189,8 +187,7 @@ def _inspect_hf(src: HfSource) -> CheckpointSummary:
     return CheckpointSummary(
         path=src.path,
         format="hf safetensors",
-        writer="safetensors"
-        + (f" (format={','.join(sorted(w for w in writers if w))})" if any(writers) else ""),
+        writer="safetensors" + (f" (format={','.join(sorted(w for w in writers if w))})" if any(writers) else ""),
         ranks=None,
         files=files,
         total_bytes=total,

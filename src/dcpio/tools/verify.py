@@ -150,9 +150,7 @@ def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None) ->
     names, sizes = _dir_listing(path)
     referenced = {info.relative_path for info in storage.values()}
     report.unreferenced = sorted(n for n in names if n not in referenced and not _METADATA_RE.match(n))
-    report.checksummed = bool(storage) and all(
-        getattr(i, "dcpio_checksum", None) is not None for i in storage.values()
-    )
+    report.checksummed = bool(storage) and all(getattr(i, "dcpio_checksum", None) is not None for i in storage.values())
 
     # whole-file problems first: a missing or short file explains every item error that follows from it
     needed: dict[str, int] = {}
@@ -160,9 +158,7 @@ def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None) ->
     by_fqn: dict[str, list[Any]] = {}
     by_chunk: dict[tuple[str, tuple[int, ...]], list[Any]] = {}
     for idx, info in storage.items():
-        needed[info.relative_path] = max(
-            needed.get(info.relative_path, 0), int(info.offset) + int(info.length)
-        )
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), int(info.offset) + int(info.length))
         holders_of.setdefault(info.relative_path, set()).add(idx.fqn)
         by_fqn.setdefault(idx.fqn, []).append(info)
         by_chunk.setdefault((idx.fqn, tuple(idx.offset or ())), []).append(info)
@@ -210,29 +206,21 @@ def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None) ->
                 blob = src.load_blob(name)
                 report.bytes_read += len(blob)
             except Exception as err:  # every failure of one item is reported and the scan goes on
-                report.problems.append(
-                    Problem(_classify(err), item_file, name, f"object {name!r}: {_first_line(err)}")
-                )
+                report.problems.append(Problem(_classify(err), item_file, name, f"object {name!r}: {_first_line(err)}"))
             done += sum(int(i.length) for i in infos)
         elif isinstance(md, TensorStorageMetadata):
             for chunk in md.chunks:
                 infos = by_chunk.get((name, tuple(chunk.offsets)), [])
                 item_file = infos[0].relative_path if infos else None
-                where = f"tensor {name!r} chunk at offsets {list(chunk.offsets)}"
+                where = f"chunk at offsets {list(chunk.offsets)}"
                 if item_file in bad_files:
-                    report.problems.append(
-                        Problem("missing-file", item_file, name, f"{where}: {item_file} is missing")
-                    )
+                    report.problems.append(Problem("missing-file", item_file, name, f"{where}: {item_file} is missing"))
                     continue
                 try:
                     buf = src.load_chunk(name, chunk)
                     report.bytes_read += buf.numel() * buf.element_size()
                 except Exception as err:  # every failure of one chunk is reported and the scan goes on
-                    report.problems.append(
-                        Problem(
-                            _classify(err), item_file, name, f"{where} in {item_file}: {_first_line(err)}"
-                        )
-                    )
+                    report.problems.append(Problem(_classify(err), item_file, name, f"{where}: {_first_line(err)}"))
                 done += sum(int(i.length) for i in infos)
                 if progress is not None:
                     progress("verify", min(done, total), total)
@@ -257,9 +245,7 @@ def _verify_hf(path: str, report: VerifyReport, progress: ProgressFn | None) -> 
             t = src.load(entry.name)
             report.bytes_read += t.numel() * t.element_size()
         except Exception as err:  # every failure of one tensor is reported and the scan goes on
-            report.problems.append(
-                Problem(_classify(err), rel, entry.name, f"{rel}: {entry.name}: {_first_line(err)}")
-            )
+            report.problems.append(Problem(_classify(err), rel, entry.name, f"{rel}: {entry.name}: {_first_line(err)}"))
         report.items_checked += 1
         done += entry.nbytes
         if progress is not None:
@@ -284,9 +270,7 @@ def _verify_torch(path: str, report: VerifyReport, progress: ProgressFn | None) 
                 value.contiguous().view(-1).view(torch.uint8).sum()
                 report.bytes_read += entry.nbytes
         except Exception as err:  # every failure of one tensor is reported and the scan goes on
-            report.problems.append(
-                Problem(_classify(err), rel, entry.name, f"{entry.name}: {_first_line(err)}")
-            )
+            report.problems.append(Problem(_classify(err), rel, entry.name, f"{entry.name}: {_first_line(err)}"))
         report.items_checked += 1
         done += entry.nbytes
         if progress is not None:
