@@ -35,6 +35,7 @@ __all__ = [
     "run_stock",
     "spawn_ranks",
     "template_like",
+    "trusted_objects",
 ]
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -245,6 +246,15 @@ def make_state_dict(
             "ints": [1, 2, 3],
         }
     return sd
+
+
+def trusted_objects() -> Any:
+    """A context in which :class:`SmallObject` passes torch's ``weights_only`` allow-list.
+
+    dcpio's reader refuses pickled values that need classes outside that list unless the user registers them
+    (or passes ``allow_pickle=True``); the tests take the registration path a careful user takes.
+    """
+    return torch.serialization.safe_globals([SmallObject])
 
 
 def _sentinel_like(t: torch.Tensor) -> torch.Tensor:

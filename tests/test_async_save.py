@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import AsyncStager
 
 import dcpio
-from helpers import assert_tree_equal, make_state_dict, rand_tensor, template_like
+from helpers import assert_tree_equal, make_state_dict, rand_tensor, template_like, trusted_objects
 
 
 def _wait(response: Any) -> None:
@@ -58,7 +58,8 @@ def test_mutation_after_async_save_returns_does_not_change_checkpoint(ckpt_dir: 
     _wait(response)
 
     loaded = template_like(expected)
-    dcp.load(loaded, storage_reader=dcpio.FileSystemReader(ckpt_dir))
+    with trusted_objects():
+        dcp.load(loaded, storage_reader=dcpio.FileSystemReader(ckpt_dir))
     assert_tree_equal(expected, loaded)
 
 

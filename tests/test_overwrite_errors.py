@@ -14,7 +14,14 @@ import torch.distributed.checkpoint as dcp
 
 import dcpio
 import dcpio.errors
-from helpers import assert_tree_equal, exception_chain, make_state_dict, rand_tensor, template_like
+from helpers import (
+    assert_tree_equal,
+    exception_chain,
+    make_state_dict,
+    rand_tensor,
+    template_like,
+    trusted_objects,
+)
 
 
 class InjectedFault(Exception):
@@ -30,7 +37,8 @@ def _save(sd: dict[str, Any], path: Path, **kw: Any) -> None:
 
 
 def _load(sd: Any, path: Path, **kw: Any) -> Any:
-    dcp.load(sd, storage_reader=dcpio.FileSystemReader(path, **kw))
+    with trusted_objects():
+        dcp.load(sd, storage_reader=dcpio.FileSystemReader(path, **kw))
     return sd
 
 

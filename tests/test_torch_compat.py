@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import dcpio
-from helpers import assert_tree_equal, make_state_dict, rand_tensor, run_stock, template_like
+from helpers import assert_tree_equal, make_state_dict, rand_tensor, run_stock, template_like, trusted_objects
 
 _RESULT = "RESULT "
 
@@ -120,7 +120,8 @@ def test_stock_torch_checkpoints_load_with_dcpio_reader(tmp_path: Path) -> None:
         expected = make_state_dict(seed=seed)
         for threads in (1, 3):
             out = template_like(expected)
-            dcp.load(out, storage_reader=dcpio.FileSystemReader(path, thread_count=threads))
+            with trusted_objects():
+                dcp.load(out, storage_reader=dcpio.FileSystemReader(path, thread_count=threads))
             try:
                 assert_tree_equal(expected, out)
             except AssertionError as err:
@@ -193,7 +194,8 @@ def test_stock_safetensors_format_loads_with_dcpio(stock_safetensors_checkpoints
     expected = _safetensors_sd(seed)
     for threads in (1, 3):
         out = template_like(expected)
-        dcp.load(out, storage_reader=dcpio.FileSystemReader(path, thread_count=threads))
+        with trusted_objects():
+            dcp.load(out, storage_reader=dcpio.FileSystemReader(path, thread_count=threads))
         assert_tree_equal(expected, out)
 
 
