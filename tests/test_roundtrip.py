@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dcpio
 from helpers import (
@@ -176,3 +178,63 @@ def test_untrusted_pickled_object_is_refused_unless_allowed(ckpt_dir: Path) -> N
     dest = template_like(sd)
     dcp.load(dest, storage_reader=dcpio.FileSystemReader(ckpt_dir, allow_pickle=True))
     assert_tree_equal(sd, dest)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+def test_large_tensor_crossing_buffer_boundaries(tmp_path: Path, fmt: Any) -> None:
+    # 24 MiB of incompressible bits plus odd-sized neighbours: crosses any chunk, part or copy-ahead boundary
+    gen = torch.Generator().manual_seed(31)
+    sd = {
+        "big": rand_tensor((6 * (1 << 20) + 3,), torch.float32, gen),
+        "odd": rand_tensor((1001, 7), torch.bfloat16, gen),
+        "tail": rand_tensor((3,), torch.uint8, gen),
+    }
+    _save(sd, tmp_path / "c", serialization_format=fmt, thread_count=3, per_thread_copy_ahead=1 << 20)
+    _save(sd, tmp_path / "z", serialization_format=fmt, thread_count=3, _extensions=[dcpio.ZStandard()])
+    for name in ("c", "z"):
+        assert_tree_equal(sd, _load(template_like(sd), tmp_path / name, thread_count=2))
+
+
+def test_default_arguments_and_str_paths(tmp_path: Path) -> None:
+    sd = make_state_dict(seed=41)
+    path = str(tmp_path / "defaults")
+    dcp.save(sd, storage_writer=dcpio.FileSystemWriter(path))  # thread_count=None: the knob's default
+    dest = template_like(sd)
+    with trusted_objects():
+        dcp.load(dest, storage_reader=dcpio.FileSystemReader(path))
+    assert_tree_equal(sd, dest)
+    # checkpoint_id given to dcp.save/load overrides the path the classes were built with
+    dcp.save(sd, checkpoint_id=tmp_path / "by_id", storage_writer=dcpio.FileSystemWriter(tmp_path / "unused"))
+    assert not (tmp_path / "unused" / ".metadata").exists()
+    dest = template_like(sd)
+    with trusted_objects():
+        dcp.load(dest, checkpoint_id=tmp_path / "by_id", storage_reader=dcpio.FileSystemReader(tmp_path / "nope"))
+    assert_tree_equal(sd, dest)
+
+
+_HYP_DTYPES = all_dtypes(complex_=False)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    shape=st.lists(st.integers(0, 5), min_size=0, max_size=3),
+    dtype_index=st.integers(0, len(_HYP_DTYPES) - 1),
+    view=st.sampled_from(["none", "transpose", "step", "offset"]),
+    fmt_index=st.integers(0, 1),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_hypothesis_random_tensor_roundtrip(
+    tmp_path: Path, shape: list[int], dtype_index: int, view: str, fmt_index: int, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    t = rand_tensor(shape, _HYP_DTYPES[dtype_index], gen)
+    if view == "transpose" and t.dim() >= 2:
+        t = t.transpose(0, t.dim() - 1)
+    elif view == "step" and t.dim() >= 1:
+        t = t[::2]
+    elif view == "offset" and t.dim() >= 1 and t.shape[0] > 1:
+        t = t[1:]
+    sd = {"t": t, "pad": rand_tensor((3,), torch.int16, gen)}
+    path = tmp_path / f"h{seed}_{fmt_index}_{view}_{dtype_index}_{'x'.join(map(str, shape))}"
+    _save(sd, path, serialization_format=FORMATS[fmt_index], thread_count=2, overwrite=True)
+    assert_tree_equal(sd, _load(template_like(sd), path))
