@@ -15,10 +15,11 @@ save created is removed before the first error is raised (the others are attache
 
 from __future__ import annotations
 
+import collections
 import io
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,7 @@ class WriteOptions:
     extensions: Sequence[Any] = ()
     serialization_format: str = "torch_save"
     checksum_block: int = field(default_factory=knobs.checksum_block_size)
+    copy_ahead: int = 10_000_000
 
 
 def _item_name(index: MetadataIndex) -> str:
@@ -85,6 +87,47 @@ def _cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _resolved(items: Sequence[WriteItem], planner: SavePlanner, copy_ahead: int) -> Iterator[tuple[WriteItem, Any]]:
+    """Yield ``(item, data)`` in order; accelerator tensors are copied to pinned CPU memory ahead of their write.
+
+    Up to ``copy_ahead`` bytes of device-to-host copies are in flight while earlier items are written, so the copy
+    engine and the disk work at the same time (torch's writer does this only with one thread; here every writer
+    thread does it for its own file). CPU tensors pass through untouched.
+    """
+    pending: collections.deque[tuple[WriteItem, Any, Any, int]] = collections.deque()
+    inflight = 0
+    for item in items:
+        data = planner.resolve_data(item)
+        if not (isinstance(data, torch.Tensor) and data.device.type == "cuda" and copy_ahead > 0):
+            while pending:  # keep the file's item order
+                yield _landed(pending.popleft())
+            inflight = 0
+            yield item, data
+            continue
+        src = data.detach()
+        if not src.is_contiguous():
+            src = src.contiguous()
+        host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+        host.copy_(src, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        nbytes = src.numel() * src.element_size()
+        pending.append((item, host, event, nbytes))
+        inflight += nbytes
+        while inflight > copy_ahead and len(pending) > 1:
+            landed = pending.popleft()
+            inflight -= landed[3]
+            yield _landed(landed)
+    while pending:
+        yield _landed(pending.popleft())
+
+
+def _landed(entry: tuple[WriteItem, Any, Any, int]) -> tuple[WriteItem, Any]:
+    item, host, event, _ = entry
+    event.synchronize()
+    return item, host
+
+
 def _write_one_file(fs: FileSystemBase, job: FileJob, planner: SavePlanner, opts: WriteOptions) -> list[WriteResult]:
     from dcpio.formats import dcp_safetensors  # local: only the SAFETENSORS format needs it
 
@@ -95,8 +138,7 @@ def _write_one_file(fs: FileSystemBase, job: FileJob, planner: SavePlanner, opts
     try:
         # bytes items first, like torch, so a file's small objects sit together at its start
         ordered = sorted(job.items, key=lambda it: it.type != WriteItemType.BYTE_IO)
-        for item in ordered:
-            data = planner.resolve_data(item)
+        for item, data in _resolved(ordered, planner, opts.copy_ahead):
             keepalive: Any
             if item.type == WriteItemType.BYTE_IO:
                 if not isinstance(data, io.BytesIO):

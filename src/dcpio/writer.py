@@ -183,6 +183,7 @@ class _DcpioWriter(StorageWriter):
             sync=self.sync_files,
             extensions=self.extensions,
             serialization_format=self.serialization_format.value,
+            copy_ahead=self.per_thread_copy_ahead,
         )
         future: Future[list[WriteResult]] = Future()
         future.set_result(write_files(self.fs, jobs, planner, opts))
