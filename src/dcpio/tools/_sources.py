@@ -148,8 +148,14 @@ class _ItemPlanner(LoadPlanner):
 
 
 def make_reader(path: str) -> Any:
-    """dcpio's reader for ``path`` (checksums on): :class:`dcpio.FsspecReader` for URLs, else the local
-    one."""
+    """dcpio's reader for ``path`` (checksums on): :class:`dcpio.FsspecReader` for URLs, else the local one.
+
+    ``allow_pickle=True`` lets the raw bytes of every non-tensor value reach our planner, which never unpickles
+    them: :func:`decode_object` applies ``weights_only=True`` itself, and ``diff`` compares undecodable values by
+    their bytes. Without it the reader would refuse a custom object before ``verify`` could read its bytes.
+    """
+    import inspect
+
     import dcpio
 
     if is_url(path):
@@ -158,13 +164,17 @@ def make_reader(path: str) -> Any:
             raise CheckpointError(
                 f"{path}: this dcpio build has no fsspec reader (dcpio.FsspecReader); use a local path"
             )
-        return reader_cls(path)
-    reader_cls = getattr(dcpio, "FileSystemReader", None)
-    if reader_cls is None:  # the core has not landed in this checkout: fall back to torch's reader
-        from torch.distributed.checkpoint import FileSystemReader
+    else:
+        reader_cls = getattr(dcpio, "FileSystemReader", None)
+        if reader_cls is None:  # the core has not landed in this checkout: fall back to torch's reader
+            from torch.distributed.checkpoint import FileSystemReader
 
-        return FileSystemReader(path)
-    return reader_cls(path)
+            return FileSystemReader(path)
+    try:
+        takes_allow = "allow_pickle" in inspect.signature(reader_cls).parameters
+    except (TypeError, ValueError):  # a signature Python cannot introspect
+        takes_allow = False
+    return reader_cls(path, allow_pickle=True) if takes_allow else reader_cls(path)
 
 
 class DcpSource(Source):

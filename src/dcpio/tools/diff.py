@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dcpio.errors import CheckpointError
-from dcpio.tools._sources import ProgressFn, Source, dtype_name, open_source
+from dcpio.tools._sources import DcpSource, ProgressFn, Source, decode_object, dtype_name, open_source
 
 __all__ = ["DiffEntry", "DiffReport", "diff_checkpoints", "tensors_bit_equal"]
 
@@ -114,8 +114,22 @@ def _objects_equal(x: Any, y: Any) -> bool:
         return False
 
 
-def _load(src: Source, name: str) -> tuple[Any, str | None]:
+@dataclass(frozen=True)
+class _Opaque:
+    """A DCP object entry that ``weights_only=True`` refuses to decode (a custom class): compared by its bytes."""
+
+    blob: bytes
+
+
+def _load(src: Source, name: str, kind: str) -> tuple[Any, str | None]:
     try:
+        if kind == "object" and isinstance(src, DcpSource):
+            blob = src.load_blob(name)
+            try:
+                return decode_object(blob, f"{src.path}:{name}"), None
+            except CheckpointError:
+                # torch.save of the same value gives the same bytes, so equal bytes mean equal values
+                return _Opaque(blob), None
         return src.load(name), None
     except CheckpointError as err:
         return None, str(err).splitlines()[0]
@@ -152,8 +166,8 @@ def diff_checkpoints(
             elif name not in ea:
                 report.entries.append(DiffEntry(name, "only-b", None, f"only in {b}"))
             else:
-                x, err_a = _load(src_a, name)
-                y, err_b = _load(src_b, name)
+                x, err_a = _load(src_a, name, ea[name].kind)
+                y, err_b = _load(src_b, name, eb[name].kind)
                 if err_a or err_b:
                     report.entries.append(
                         DiffEntry(name, "unreadable", None, "; ".join(e for e in (err_a, err_b) if e))
@@ -162,6 +176,18 @@ def diff_checkpoints(
                     report.entries.append(_compare_tensors(name, x, y, atol))
                 elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
                     report.entries.append(DiffEntry(name, "different", None, "a tensor on one side only"))
+                elif isinstance(x, _Opaque) or isinstance(y, _Opaque):
+                    same = isinstance(x, _Opaque) and isinstance(y, _Opaque) and x.blob == y.blob
+                    report.entries.append(
+                        DiffEntry(
+                            name,
+                            "equal" if same else "different",
+                            None,
+                            "same stored bytes (a custom object, not decoded)"
+                            if same
+                            else "a custom object that cannot be decoded safely; stored bytes differ",
+                        )
+                    )
                 elif _objects_equal(x, y):
                     report.entries.append(DiffEntry(name, "equal", None, "equal value"))
                 else:
