@@ -426,20 +426,16 @@ class FaultProxy:
                 body, sent = _read_body(rfile, head, until_close=False)
                 fault = self._decide(method_s, target_s)
                 if fault == "drop":
-                    self._record(
-                        RequestRecord(method_s, target_s, 0, sent, 0, start, time.monotonic(), fault)
-                    )
+                    self._record(RequestRecord(method_s, target_s, 0, sent, 0, start, time.monotonic(), fault))
                     with contextlib.suppress(OSError):
                         conn.shutdown(socket.SHUT_RDWR)
                     return
                 if fault == "503":
+                    self._record(RequestRecord(method_s, target_s, 503, sent, 0, start, time.monotonic(), fault))
                     conn.sendall(
                         b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
                         + f"Content-Length: {len(_SLOWDOWN)}\r\n\r\n".encode()
                         + _SLOWDOWN
-                    )
-                    self._record(
-                        RequestRecord(method_s, target_s, 503, sent, 0, start, time.monotonic(), fault)
                     )
                     continue
                 if upstream is None:
@@ -463,19 +459,16 @@ class FaultProxy:
                 else:
                     resp_body, received = _read_body(up_rfile, resp_head, until_close=close_after)
                 if fault == "truncate" and len(resp_body) > 1:
-                    conn.sendall(b"".join(resp_head) + b"\r\n" + resp_body[: len(resp_body) // 2])
                     self._record(
-                        RequestRecord(
-                            method_s, target_s, status, sent, received // 2, start, time.monotonic(), fault
-                        )
+                        RequestRecord(method_s, target_s, status, sent, received // 2, start, time.monotonic(), fault)
                     )
+                    conn.sendall(b"".join(resp_head) + b"\r\n" + resp_body[: len(resp_body) // 2])
                     with contextlib.suppress(OSError):
                         conn.shutdown(socket.SHUT_RDWR)
                     return
+                # logged before the reply: a client holding its answer always finds its request in the log
+                self._record(RequestRecord(method_s, target_s, status, sent, received, start, time.monotonic()))
                 conn.sendall(b"".join(resp_head) + b"\r\n" + resp_body)
-                self._record(
-                    RequestRecord(method_s, target_s, status, sent, received, start, time.monotonic())
-                )
                 if close_after:
                     with contextlib.suppress(OSError):
                         upstream.close()
