@@ -108,6 +108,7 @@ def two_rank_worker(rank: int, world: int, root: str) -> None:
     mesh = init_device_mesh("cpu", (world,))
     sd = _dtensor_state_dict(mesh, "A", _full())
     dcp.save(sd, storage_writer=dcpio.FileSystemWriter(f"{root}/ckA", thread_count=2))
+    dcp.save(sd, storage_writer=dcpio.FileSystemWriter(f"{root}/ckO", single_file_per_rank=False))
 
     _verify_local(_load_in_layout(f"{root}/ckA", mesh, "A"), mesh, "A")
     _verify_local(_load_in_layout(f"{root}/ckA", mesh, "B", thread_count=3), mesh, "B")
@@ -134,6 +135,8 @@ def three_rank_worker(rank: int, world: int, root: str) -> None:
     )
     dcp.save(sd, storage_writer=writer)
     _verify_local(_load_in_layout(f"{root}/ckB", mesh, "A"), mesh, "A")
+    # 3 ranks replace the 2-rank checkpoint ckO: the old ranks' files must go
+    dcp.save(sd, storage_writer=dcpio.FileSystemWriter(f"{root}/ckO", overwrite=True))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -177,7 +180,7 @@ def test_two_ranks_save_and_reload_in_other_layouts(two_rank_run: Path) -> None:
     assert (two_rank_run / "ckA" / ".metadata").is_file()
 
 
-@pytest.mark.parametrize("ckpt", ["ckA", "ckB"])
+@pytest.mark.parametrize("ckpt", ["ckA", "ckB", "ckO"])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_single_process_without_process_group_loads_full_tensors(three_rank_run: Path, ckpt: str, threads: int) -> None:
     assert not dist.is_initialized()
@@ -218,3 +221,12 @@ def test_use_collectives_false_writes_per_rank_metadata(two_rank_run: Path) -> N
         md = dcpio.FileSystemReader(path).read_metadata(rank=rank)
         files = {info.relative_path for info in md.storage_data.values()}
         assert files and all(f.startswith(f"__{rank}_") for f in files), files
+
+
+def test_three_ranks_overwrite_two_rank_checkpoint_without_stale_files(three_rank_run: Path) -> None:
+    path = three_rank_run / "ckO"
+    md = dcpio.FileSystemReader(path).read_metadata()
+    named = {info.relative_path for info in md.storage_data.values()}
+    assert {f.split("_")[2] for f in named} == {"0", "1", "2"}, f"not every rank's files are named: {named}"
+    on_disk = {p.name for p in path.iterdir()}
+    assert on_disk == named | {".metadata"}, f"stale files after the overwrite: {sorted(on_disk - named)}"

@@ -258,3 +258,15 @@ def test_missing_data_file_error_names_the_file(ckpt_dir: Path) -> None:
     relevant = [e for e in chain if isinstance(e, (FileNotFoundError, dcpio.CheckpointError))]
     assert relevant, f"expected FileNotFoundError or a CheckpointError, got {[type(e).__name__ for e in chain]}"
     assert any(victim in str(e) for e in relevant), [str(e) for e in relevant]
+
+
+def test_overwrite_without_collectives_over_a_collective_checkpoint(ckpt_dir: Path) -> None:
+    # a per-rank (use_collectives=False) save into a directory holding a committed global checkpoint: dcp.load
+    # tries the global .metadata first, so the result must load as the *new* checkpoint
+    gen = torch.Generator().manual_seed(14)
+    old = {"x": rand_tensor((3, 4), torch.float32, gen)}
+    new = {"x": rand_tensor((3, 4), torch.float32, gen)}
+    _save(old, ckpt_dir)
+    dcp.save(new, storage_writer=dcpio.FileSystemWriter(ckpt_dir), use_collectives=False)
+    assert (ckpt_dir / "__0.metadata").is_file()
+    assert_tree_equal(new, _load(template_like(new), ckpt_dir))
