@@ -142,6 +142,10 @@ _STOCK_ST_CASES = {
     "st_default": "",
     "st_threads3": "thread_count=3",
     "st_file_per_item": "single_file_per_rank=False",
+    "st_zstd": "_extensions=[ZStandard()]",
+    "st_zstd_threads3_file_per_item_nosync": (
+        "_extensions=[ZStandard()], thread_count=3, single_file_per_rank=False, sync_files=False"
+    ),
 }
 
 
@@ -155,6 +159,7 @@ def stock_safetensors_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> d
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
         from torch.distributed.checkpoint.filesystem import SerializationFormat
+        from torch.distributed.checkpoint._extension import ZStandard
         from helpers import make_state_dict, template_like
 
         ST = SerializationFormat.SAFETENSORS
