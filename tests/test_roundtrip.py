@@ -238,3 +238,32 @@ def test_hypothesis_random_tensor_roundtrip(
     path = tmp_path / f"h{seed}_{fmt_index}_{view}_{dtype_index}_{'x'.join(map(str, shape))}"
     _save(sd, path, serialization_format=FORMATS[fmt_index], thread_count=2, overwrite=True)
     assert_tree_equal(sd, _load(template_like(sd), path))
+
+
+def _edge_state_dicts() -> dict[str, dict[str, Any]]:
+    gen = torch.Generator().manual_seed(51)
+    base = rand_tensor((5, 4), torch.float32, gen)
+    return {
+        "empty": {},
+        "only_objects": {"a": 1, "b": "x", "c": None},
+        "only_empty_tensors": {"e": torch.empty(0), "f": torch.empty(2, 0, 3, dtype=torch.int8)},
+        "odd_keys": {
+            "../../escape": rand_tensor((2,), torch.float32, gen),
+            "ü ñ/ x": rand_tensor((3,), torch.int64, gen),
+            'quote"back\\slash': rand_tensor((1,), torch.bfloat16, gen),
+        },
+        "parameter": {"p": torch.nn.Parameter(rand_tensor((3, 2), torch.float32, gen))},
+        "shared_storage": {"x": base, "y": base[1:], "z": base.t()},
+    }
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
+@pytest.mark.parametrize("case", sorted(_edge_state_dicts()))
+def test_edge_case_state_dicts(tmp_path: Path, fmt: Any, case: str) -> None:
+    sd = _edge_state_dicts()[case]
+    _save(sd, tmp_path / "c", serialization_format=fmt, thread_count=2)
+    loaded = _load(template_like(sd), tmp_path / "c")
+    expected = {k: (v.detach() if isinstance(v, torch.nn.Parameter) else v) for k, v in sd.items()}
+    assert_tree_equal(expected, loaded)
+    # nothing escaped the checkpoint directory
+    assert {p.name for p in tmp_path.iterdir()} == {"c"}
