@@ -362,6 +362,19 @@ def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix, obj
 
 
+def dcp_names(obj: Any) -> dict[str, Any]:
+    """Flatten ``obj`` exactly as DCP's default planner does, so a torch.save file and a DCP checkpoint of the
+    same state dict name their entries alike (lists without tensors stay one value, for instance)."""
+    if not isinstance(obj, dict):
+        return dict(flatten(obj))
+    try:
+        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    except ImportError:  # a torch without that helper: our own dotted names
+        return dict(flatten(obj))
+    flat, _ = flatten_state_dict(obj)
+    return dict(flat)
+
+
 class TorchFileSource(Source):
     """A file written by ``torch.save``, opened with ``weights_only=True`` and ``mmap=True`` (no copy, no
     code)."""
@@ -377,7 +390,7 @@ class TorchFileSource(Source):
             raise CorruptCheckpointError(
                 f"{path}: torch.load(weights_only=True) cannot read this file: {first}"
             ) from err
-        self._leaves = dict(flatten(self.obj))
+        self._leaves = dcp_names(self.obj)
 
     def entries(self) -> list[Entry]:
         out = []

@@ -1,0 +1,452 @@
+"""The ``dcpio`` command, driven as a user drives it: in-process through ``main([...])`` and as a real subprocess
+(``python -m dcpio.cli.main`` and the installed ``dcpio`` script), on checkpoints written by dcpio and by stock
+torch (in a subprocess that never imports dcpio), healthy and damaged."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import dcpio
+from dcpio.cli.main import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, main
+from dcpio.tools import convert, diff_checkpoints, inspect_checkpoint, verify_checkpoint
+from helpers import assert_tree_equal, bitwise_equal, make_state_dict, run_stock
+
+SRC_DIR = str(Path(__file__).resolve().parent.parent / "src")
+
+
+def _flat(obj: Any) -> dict[str, Any]:
+    """The entry names DCP gives a state dict (its default planner's flattening)."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    return dict(flatten_state_dict(obj)[0])
+
+
+def _save(sd: dict[str, Any], path: Path, **kw: Any) -> Path:
+    dcp.save(sd, storage_writer=dcpio.FileSystemWriter(str(path), **kw), no_dist=True)
+    return path
+
+
+def _load_like(template: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Load ``path`` with dcpio's reader into fresh tensors shaped like ``template``'s."""
+
+    def fresh(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return torch.zeros(x.shape, dtype=x.dtype)
+        if isinstance(x, dict):
+            return {k: fresh(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [fresh(v) for v in x]
+        return x
+
+    target = fresh(template)
+    dcp.load(target, storage_reader=dcpio.FileSystemReader(str(path)), no_dist=True)
+    return target
+
+
+def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ)
+    full_env["NO_COLOR"] = "1"
+    full_env["PYTHONPATH"] = SRC_DIR + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "dcpio.cli.main", *args], capture_output=True, text=True, env=full_env, timeout=300
+    )
+
+
+def _storage_info(path: Path, fqn: str) -> Any:
+    md = dcpio.FileSystemReader(str(path)).read_metadata()
+    infos = [info for idx, info in md.storage_data.items() if idx.fqn == fqn]
+    assert len(infos) == 1
+    return infos[0]
+
+
+def _flip(file: Path, offset: int) -> None:
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def sd() -> dict[str, Any]:
+    """Every dtype safetensors and torch.save hold, views, nesting; no custom objects (plain values only)."""
+    state = make_state_dict(seed=3, complex_=False, objects=False)
+    state["plain"] = {"step": 42, "name": "run-1", "lrs": [0.1, 0.01]}
+    return state
+
+
+@pytest.fixture(scope="module")
+def dcpio_ckpt(tmp_path_factory: pytest.TempPathFactory, sd: dict[str, Any]) -> Path:
+    return _save(sd, tmp_path_factory.mktemp("dcpio") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def stock_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("stock") / "ckpt"
+    run_stock(
+        f"""
+        import torch.distributed.checkpoint as dcp
+        import helpers
+        sd = helpers.make_state_dict(seed=5, objects=False)
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter({str(path)!r}), no_dist=True)
+        """
+    )
+    return path
+
+
+@pytest.fixture
+def damaged(tmp_path: Path, dcpio_ckpt: Path) -> Path:
+    dst = tmp_path / "damaged"
+    shutil.copytree(dcpio_ckpt, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------- basics
+def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "exit codes:" in out
+    for cmd in ("inspect", "verify", "convert", "diff", "demo", "bench"):
+        assert cmd in out
+    assert main(["verify", "--help"]) == EXIT_OK
+    assert "3  unexpected failure" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main([]) == EXIT_USAGE
+    assert main(["no-such-command"]) == EXIT_USAGE
+    assert main(["convert", "a", "b"]) == EXIT_USAGE  # --to is required
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "nowhere")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("dcpio: error: ") and "nowhere" in err
+    assert "hint:" in err and "Traceback" not in err
+
+
+def test_bench_dispatches(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--help"]) == EXIT_OK
+    assert "usage: dcpio bench" in capsys.readouterr().out
+
+
+def test_bench_missing_module_is_one_line_error() -> None:
+    # a real interpreter in which dcpio.bench cannot be imported: the CLI must say so and exit 2
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'dcpio.bench':\n"
+        "            raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from dcpio.cli.main import main\n"
+        "sys.exit(main(['bench']))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=SRC_DIR)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert proc.stderr.startswith("dcpio: error: the benchmark is not available")
+    assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------- inspect
+def test_inspect_dcpio_checkpoint_json(capsys: pytest.CaptureFixture[str], dcpio_ckpt: Path, sd: Any) -> None:
+    assert main(["inspect", "--json", str(dcpio_ckpt)]) == EXIT_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["format"] == "dcp torch_save"
+    assert doc["writer"] == "dcpio" and doc["checksummed"] is True
+    assert doc["ranks"] == 1
+    on_disk = sorted(p.name for p in dcpio_ckpt.iterdir() if p.name != ".metadata")
+    assert doc["files"] == on_disk
+    assert doc["total_bytes"] == sum(p.stat().st_size for p in dcpio_ckpt.iterdir())
+    items = {i["name"]: i for i in doc["items"]}
+    flat = _flat(sd)
+    assert set(items) == set(flat)
+    for name, value in flat.items():
+        item = items[name]
+        if isinstance(value, torch.Tensor):
+            assert item["kind"] == "tensor"
+            assert item["dtype"] == str(value.dtype).removeprefix("torch.")
+            assert item["shape"] == list(value.shape)
+            assert item["chunks"] == 1
+            assert item["nbytes"] == value.numel() * value.element_size()
+        else:
+            assert item["kind"] == "object" and item["dtype"] is None
+        assert item["files"] and set(item["files"]) <= set(on_disk)
+
+
+def test_inspect_table_and_stock_writer(capsys: pytest.CaptureFixture[str], stock_ckpt: Path) -> None:
+    assert main(["inspect", str(stock_ckpt)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "format:      dcp torch_save (writer: torch, no checksums)" in out
+    assert "dtypes.float8_e5m2" in out and "[3, 5]" in out
+    summary = inspect_checkpoint(stock_ckpt)
+    assert summary.writer == "torch" and not summary.checksummed
+
+
+def test_inspect_safetensors_format_written_by_torch(tmp_path: Path) -> None:
+    path = tmp_path / "st"
+    run_stock(
+        f"""
+        import torch, torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.filesystem import SerializationFormat
+        sd = {{"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}}
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter({str(path)!r},
+                 serialization_format=SerializationFormat.SAFETENSORS), no_dist=True)
+        """
+    )
+    summary = inspect_checkpoint(path)
+    assert summary.format == "dcp safetensors"
+    assert {i.name: i.shape for i in summary.items} == {"a": [2, 3], "b": [4]}
+    report = verify_checkpoint(path)
+    assert report.ok, report.problems
+
+
+# ------------------------------------------------------------------------------------------------- verify
+def test_verify_sound_checkpoints(
+    capsys: pytest.CaptureFixture[str], dcpio_ckpt: Path, stock_ckpt: Path, sd: Any
+) -> None:
+    assert main(["verify", str(dcpio_ckpt)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.startswith("OK") and "checksums verified" in out
+    assert main(["verify", str(stock_ckpt)]) == EXIT_OK
+    assert "structure checked (no dcpio checksums" in capsys.readouterr().out
+    report = verify_checkpoint(dcpio_ckpt)
+    assert report.ok and report.checksummed and report.unreferenced == []
+    assert report.items_checked == len(_flat(sd))
+
+
+def test_verify_flipped_byte_names_file_and_tensor(damaged: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    info = _storage_info(damaged, "shapes.big_1d")
+    _flip(damaged / info.relative_path, info.offset + info.length // 2)
+    assert main(["verify", str(damaged)]) == EXIT_PROBLEM
+    out = capsys.readouterr().out
+    assert out.startswith("DAMAGED")
+    assert info.relative_path in out and "shapes.big_1d" in out and "checksum" in out
+    report = verify_checkpoint(damaged)
+    assert report.damaged_items() == ["shapes.big_1d"]  # only that tensor; everything else still read fine
+    assert report.damaged_files() == [info.relative_path]
+
+
+def test_verify_reports_every_damaged_tensor(damaged: Path) -> None:
+    names = ["shapes.big_1d", "model.layers.1.weight", "dtypes.int64"]
+    for name in names:
+        info = _storage_info(damaged, name)
+        _flip(damaged / info.relative_path, info.offset + info.length - 30)  # inside the record's tail
+    report = verify_checkpoint(damaged)
+    assert report.damaged_items() == sorted(names)
+
+
+def test_verify_truncated_file(damaged: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    info = _storage_info(damaged, "shapes.big_1d")
+    victim = damaged / info.relative_path
+    size = victim.stat().st_size
+    os.truncate(victim, size - 1000)
+    assert main(["verify", str(damaged)]) == EXIT_PROBLEM
+    out = capsys.readouterr().out
+    assert info.relative_path in out and "truncated" in out
+    report = verify_checkpoint(damaged)
+    assert any(p.kind == "truncated" and p.file == info.relative_path for p in report.problems)
+
+
+def test_verify_missing_metadata(damaged: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (damaged / ".metadata").unlink()
+    assert main(["verify", str(damaged)]) == EXIT_PROBLEM
+    assert ".metadata is missing" in capsys.readouterr().out
+    # inspect cannot describe it: one line, a hint, no traceback ... unless --debug
+    assert main(["inspect", str(damaged)]) == EXIT_PROBLEM
+    err = capsys.readouterr().err
+    assert err.startswith("dcpio: error: ") and ".metadata is missing" in err and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if ln.startswith("dcpio: error:")]) == 1
+    assert main(["--debug", "inspect", str(damaged)]) == EXIT_PROBLEM
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_verify_missing_and_unreferenced_files(damaged: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    info = _storage_info(damaged, "model.layers.0.weight")
+    (damaged / info.relative_path).unlink()
+    (damaged / "stray.distcp").write_bytes(b"left over")
+    assert main(["verify", str(damaged)]) == EXIT_PROBLEM
+    out = capsys.readouterr().out
+    assert "missing-file" in out and info.relative_path in out and "model.layers.0.weight" in out
+    assert "stray.distcp" in out
+    report = verify_checkpoint(damaged)
+    assert report.unreferenced == ["stray.distcp"]
+    assert "model.layers.0.weight" in report.damaged_items()
+
+
+def test_verify_subprocess_damaged_plain_output(damaged: Path) -> None:
+    info = _storage_info(damaged, "dtypes.float32")
+    _flip(damaged / info.relative_path, info.offset + info.length - 30)
+    proc = _run(["verify", str(damaged)])
+    assert proc.returncode == EXIT_PROBLEM, proc.stderr
+    assert "dtypes.float32" in proc.stdout and info.relative_path in proc.stdout
+    assert "\x1b[" not in proc.stdout + proc.stderr  # no colour, no progress bar off a terminal
+    proc = _run(["verify", "--json", str(damaged)])
+    assert proc.returncode == EXIT_PROBLEM
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is False and [p["item"] for p in doc["problems"]] == ["dtypes.float32"]
+
+
+# ------------------------------------------------------------------------------------------------- diff
+def test_diff_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(3), "only_a": torch.zeros(2)}
+    a = _save(base, tmp_path / "a")
+    same = _save({k: v.clone() for k, v in base.items()}, tmp_path / "same")
+    changed = {"w": base["w"].clone(), "b": base["b"].clone(), "only_b": torch.zeros(1)}
+    changed["w"][1, 2] += 0.5
+    b = _save(changed, tmp_path / "b")
+
+    assert main(["diff", str(a), str(same)]) == EXIT_OK
+    assert "MATCH" in capsys.readouterr().out
+    assert main(["diff", str(a), str(b)]) == EXIT_PROBLEM
+    out = capsys.readouterr().out
+    assert "DIFFER" in out and "only_a" in out and "only_b" in out and "0.5" in out
+    report = diff_checkpoints(a, b)
+    status = {e.name: e for e in report.entries}
+    assert status["w"].status == "different" and status["w"].max_abs_diff == 0.5
+    assert status["b"].status == "equal"
+    assert status["only_a"].status == "only-a" and status["only_b"].status == "only-b"
+
+    close = _save({"w": changed["w"], "b": base["b"], "only_a": base["only_a"]}, tmp_path / "close")
+    assert main(["diff", str(a), str(close)]) == EXIT_PROBLEM
+    assert main(["diff", "--atol", "0.5", str(a), str(close)]) == EXIT_OK
+    assert main(["diff", "--atol", "0.4", str(a), str(close)]) == EXIT_PROBLEM
+
+
+def test_diff_dtype_and_shape(tmp_path: Path) -> None:
+    a = _save({"x": torch.zeros(4), "y": torch.zeros(2, 2)}, tmp_path / "a")
+    b = _save({"x": torch.zeros(4, dtype=torch.float64), "y": torch.zeros(4)}, tmp_path / "b")
+    status = {e.name: e.status for e in diff_checkpoints(a, b).entries}
+    assert status == {"x": "dtype", "y": "shape"}
+
+
+def test_diff_stock_vs_dcpio_same_state(tmp_path: Path, stock_ckpt: Path) -> None:
+    # the same deterministic state written by stock torch and by dcpio compares equal, bit for bit
+    mine = _save(make_state_dict(seed=5, objects=False), tmp_path / "mine")
+    report = diff_checkpoints(stock_ckpt, mine)
+    assert report.match, [e for e in report.entries if e.status != "equal"]
+    different = _save(make_state_dict(seed=6, objects=False), tmp_path / "other")
+    assert not diff_checkpoints(stock_ckpt, different).match
+
+
+# ------------------------------------------------------------------------------------------------- convert
+def test_convert_dcp_hf_dcp_bit_exact(tmp_path: Path, dcpio_ckpt: Path, sd: Any) -> None:
+    hf = tmp_path / "hf"
+    assert main(["convert", str(dcpio_ckpt), str(hf), "--to", "hf", "--max-shard-size", "100KB"]) == EXIT_OK
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in hf.glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    tensors = {k: v for k, v in _flat(sd).items() if isinstance(v, torch.Tensor)}
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    # each shard holds at most 100 KB of tensor data unless a single tensor is bigger on its own
+    from safetensors import safe_open
+
+    for shard in shards:
+        with safe_open(str(hf / shard), "pt") as f:
+            names = list(f.keys())
+            size = sum(f.get_tensor(n).numel() * f.get_tensor(n).element_size() for n in names)
+            for n in names:
+                assert bitwise_equal(f.get_tensor(n), tensors[n]), n
+        assert size <= 100_000 or len(names) == 1
+
+    back = tmp_path / "back"
+    assert main(["convert", str(hf), str(back), "--to", "dcp"]) == EXIT_OK
+    loaded = _load_like(tensors, back)
+    assert_tree_equal(tensors, loaded)
+    report = diff_checkpoints(dcpio_ckpt, back)
+    assert {e.status for e in report.entries} == {"equal", "only-a"}  # non-tensor values cannot go through HF
+    assert {e.name for e in report.entries if e.status == "only-a"} == {
+        k for k, v in _flat(sd).items() if not isinstance(v, torch.Tensor)
+    }
+
+
+def test_convert_dcp_torch_dcp(tmp_path: Path, dcpio_ckpt: Path, sd: Any) -> None:
+    pt = tmp_path / "model.pt"
+    assert main(["convert", str(dcpio_ckpt), str(pt), "--to", "torch"]) == EXIT_OK
+    loaded = torch.load(pt, weights_only=True)
+    expected = json.loads(json.dumps(sd, default=lambda o: None))  # structure only, for the key check below
+    assert set(loaded) == set(expected)
+    assert_tree_equal(_flat(sd), _flat(loaded))
+    assert isinstance(loaded["model"]["layers"], list)  # nesting rebuilt, lists stay lists
+    # stock torch alone reads the file
+    out = run_stock(
+        f"""
+        import torch
+        sd = torch.load({str(pt)!r}, weights_only=True, mmap=True)
+        print(sorted(sd), float(sd["shapes"]["big_1d"].double().nan_to_num().sum()) != 0.0)
+        """
+    )
+    assert "['dtypes', 'model', 'plain', 'shapes', 'views'] True" in out
+
+    back = tmp_path / "back"
+    assert main(["convert", str(pt), str(back), "--to", "dcp"]) == EXIT_OK
+    report = diff_checkpoints(dcpio_ckpt, back)
+    assert report.match, [e for e in report.entries if e.status != "equal"]
+    assert main(["diff", str(dcpio_ckpt), str(pt)]) == EXIT_OK  # across kinds too
+
+
+def test_convert_stock_checkpoint_to_torch(tmp_path: Path, stock_ckpt: Path) -> None:
+    pt = tmp_path / "stock.pt"
+    assert convert(stock_ckpt, pt, to="torch").tensors > 0
+    run_stock(
+        f"""
+        import torch, helpers
+        got = torch.load({str(pt)!r}, weights_only=True)
+        helpers.assert_tree_equal(helpers.make_state_dict(seed=5, objects=False), got)
+        """
+    )
+
+
+def test_convert_refusals(tmp_path: Path, dcpio_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "hf"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    assert main(["convert", str(dcpio_ckpt), str(dst), "--to", "hf"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("dcpio: error: ") and "--overwrite" in err
+    assert (dst / "keep.txt").read_text() == "mine"
+    assert main(["convert", str(dcpio_ckpt), str(tmp_path / "x"), "--to", "dcp"]) == EXIT_USAGE
+    assert main(["convert", str(dcpio_ckpt), str(tmp_path / "y"), "--to", "hf", "--max-shard-size", "lots"]) == 2
+    assert "cannot read 'lots' as a size" in capsys.readouterr().err
+    assert main(["convert", str(dcpio_ckpt), str(dst), "--to", "hf", "--overwrite"]) == EXIT_OK
+    assert not (dst / "keep.txt").exists()
+
+
+def test_installed_script_inspect_json(dcpio_ckpt: Path) -> None:
+    script = Path(sys.executable).parent / "dcpio"
+    if not script.exists():
+        pytest.skip("the dcpio console script is not installed in this environment (pip install -e .)")
+    proc = subprocess.run(
+        [str(script), "inspect", "--json", str(dcpio_ckpt)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["writer"] == "dcpio"
+
+
+# ------------------------------------------------------------------------------------------------- demo
+@pytest.mark.slow
+def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    where = tmp_path / "demo"
+    assert main(["demo", str(where)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "dcpio.FileSystemWriter" in out and "MB/s" in out and "identical bit for bit" in out
+    ckpt = where / "dcpio_ckpt"
+    summary = inspect_checkpoint(ckpt)
+    assert summary.ranks == 2 and summary.writer == "dcpio"
+    weight = next(i for i in summary.items if i.name == "model.0.weight")
+    assert weight.shape == [8192, 512] and weight.chunks == 2  # Shard(0) over 2 ranks
+    assert verify_checkpoint(ckpt).ok
+    # what stock torch saved from the same ranks holds the same values
+    assert main(["diff", str(ckpt), str(where / "torch_ckpt")]) == EXIT_OK
