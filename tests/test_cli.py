@@ -450,3 +450,40 @@ def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert verify_checkpoint(ckpt).ok
     # what stock torch saved from the same ranks holds the same values
     assert main(["diff", str(ckpt), str(where / "torch_ckpt")]) == EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------- fsspec URLs
+def test_fsspec_url_inspect_verify_diff(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import fsspec
+
+    url = f"memory://cli-test-{os.getpid()}-{tmp_path.name}"
+    sd = {"w": torch.randn(40, 40), "n": 3, "layers": [torch.arange(5)]}
+    try:
+        dcp.save(sd, storage_writer=dcpio.FsspecWriter(url), no_dist=True)
+        assert main(["inspect", "--json", url]) == EXIT_OK
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["writer"] == "dcpio" and {i["name"] for i in doc["items"]} == {"w", "n", "layers.0"}
+        assert main(["verify", url]) == EXIT_OK
+        local = _save(sd, tmp_path / "local")
+        assert main(["diff", url, str(local)]) == EXIT_OK
+        capsys.readouterr()
+
+        fs, root = fsspec.core.url_to_fs(url)
+        info = _storage_info_url(url, "w")
+        blob = bytearray(fs.cat(f"{root}/{info.relative_path}"))
+        blob[info.offset + info.length // 2] ^= 0xFF
+        fs.pipe(f"{root}/{info.relative_path}", bytes(blob))
+        assert main(["verify", url]) == EXIT_PROBLEM
+        out = capsys.readouterr().out
+        assert info.relative_path in out and "[w]" in out
+        assert main(["diff", url, str(local)]) == EXIT_PROBLEM
+    finally:
+        fs, root = fsspec.core.url_to_fs(url)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+
+def _storage_info_url(url: str, fqn: str) -> Any:
+    md = dcpio.FsspecReader(url).read_metadata()
+    (info,) = [i for idx, i in md.storage_data.items() if idx.fqn == fqn]
+    return info
