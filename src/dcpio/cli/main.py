@@ -424,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         ui.error("interrupted")
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`dcpio inspect ... | head`): not an error worth a message;
+        # point stdout at /dev/null so the interpreter's final flush does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except UsageError as err:
         ui.error(str(err), "see dcpio --help")
         return EXIT_USAGE
