@@ -230,3 +230,17 @@ def test_three_ranks_overwrite_two_rank_checkpoint_without_stale_files(three_ran
     assert {f.split("_")[2] for f in named} == {"0", "1", "2"}, f"not every rank's files are named: {named}"
     on_disk = {p.name for p in path.iterdir()}
     assert on_disk == named | {".metadata"}, f"stale files after the overwrite: {sorted(on_disk - named)}"
+
+
+def failing_worker(rank: int, world: int) -> None:
+    raise ValueError(f"boom from rank {rank} of {world}")
+
+
+def test_spawn_ranks_surfaces_every_rank_traceback(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError) as info:
+        spawn_ranks(2, "test_distributed:failing_worker", [], tmp_path, timeout=120)
+    text = str(info.value)
+    for rank in (0, 1):
+        assert f"boom from rank {rank} of 2" in text
+        assert f"=== rank {rank}: exit 1 ===" in text
+    assert text.count("Traceback (most recent call last)") >= 2

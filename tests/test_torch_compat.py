@@ -240,3 +240,9 @@ def test_non_contiguous_tensors_in_safetensors_format(
     out = template_like(sd)
     dcp.load(out, storage_reader=dcpio.FileSystemReader(tmp_path / "st"))
     assert_tree_equal(sd, out)
+
+
+def test_run_stock_child_cannot_import_dcpio() -> None:
+    assert run_stock("import torch\nprint('stock', torch.__version__)").startswith("stock ")
+    with pytest.raises(AssertionError, match="tried to import dcpio"):
+        run_stock("import dcpio")
