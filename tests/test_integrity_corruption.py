@@ -243,7 +243,7 @@ def _metadata_flip_outcomes(ckpt: Path, sd: dict[str, Any]) -> list[tuple[int, i
     meta = ckpt / ".metadata"
     pristine = meta.read_bytes()
     outcomes = []
-    for xor in (0x01, 0xFF):
+    for xor in (0x01,):
         for pos in range(len(pristine)):
             _flip(meta, pos, xor)
             try:
@@ -268,8 +268,8 @@ def metadata_outcomes(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[in
 
 def test_no_metadata_flip_loads_wrong_data(metadata_outcomes: list[tuple[int, int, BaseException | None]]) -> None:
     # _load_error asserts bit-exact data whenever a load succeeds; here only the count of outcomes is checked
-    assert len(metadata_outcomes) > 1000
-    assert sum(1 for *_, e in metadata_outcomes if isinstance(e, dcpio.CheckpointError)) > 1000
+    assert len(metadata_outcomes) > 500
+    assert sum(1 for *_, e in metadata_outcomes if isinstance(e, dcpio.CheckpointError)) > 500
 
 
 _PLANNER_ERRORS = ("Missing key in checkpoint", "Size mismatch between saved")
