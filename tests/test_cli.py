@@ -20,6 +20,7 @@ import dcpio
 from dcpio.cli.main import EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, main
 from dcpio.tools import convert, diff_checkpoints, inspect_checkpoint, verify_checkpoint
 from helpers import assert_tree_equal, bitwise_equal, make_state_dict, run_stock
+from s3_server import S3Endpoint, moto, s3  # noqa: F401  (fixtures)
 
 SRC_DIR = str(Path(__file__).resolve().parent.parent / "src")
 
@@ -487,3 +488,23 @@ def _storage_info_url(url: str, fqn: str) -> Any:
     md = dcpio.FsspecReader(url).read_metadata()
     (info,) = [i for idx, i in md.storage_data.items() if idx.fqn == fqn]
     return info
+
+
+@pytest.mark.s3
+def test_s3_url_subprocess_with_storage_options(s3: S3Endpoint, tmp_path: Path) -> None:  # noqa: F811
+    # a real S3 API (moto on 127.0.0.1, authentication on): the CLI reaches it only through -o options
+    url = s3.url("ckpt")
+    sd = {"w": torch.randn(64, 64), "step": 7}
+    dcp.save(sd, storage_writer=dcpio.FsspecWriter(url, **s3.storage_options), no_dist=True)
+    opts = [f"-o{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in s3.storage_options.items()]
+    proc = _run(["verify", url, *opts])
+    assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("OK") and "checksums verified" in proc.stdout
+    pt = tmp_path / "from_s3.pt"
+    proc = _run(["convert", url, str(pt), "--to", "torch", *opts])
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert bitwise_equal(torch.load(pt, weights_only=True)["w"], sd["w"])
+    # without the keys the server refuses: a one-line error, no traceback, not exit 3
+    proc = _run(["inspect", url, f"-oclient_kwargs={json.dumps(s3.storage_options['client_kwargs'])}"])
+    assert proc.returncode in (EXIT_PROBLEM, EXIT_USAGE), proc.stderr
+    assert proc.stderr.startswith("dcpio: error: ") and "Traceback" not in proc.stderr

@@ -148,7 +148,7 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> list[str]:
 def _cmd_inspect(args: argparse.Namespace, ui: _UI) -> int:
     from dcpio.tools.inspect import inspect_checkpoint
 
-    s = inspect_checkpoint(args.path)
+    s = inspect_checkpoint(args.path, storage_options=_storage_options(args))
     if args.json:
         ui.print(json.dumps(s.to_dict(), indent=2))
         return EXIT_OK
@@ -194,7 +194,7 @@ def _cmd_verify(args: argparse.Namespace, ui: _UI) -> int:
 
     t0 = time.perf_counter()
     with ui.progress("verifying") as progress:
-        report = verify_checkpoint(args.path, progress=progress)
+        report = verify_checkpoint(args.path, progress=progress, storage_options=_storage_options(args))
     dt = time.perf_counter() - t0
     if args.json:
         ui.print(json.dumps(report.to_dict(), indent=2))
@@ -226,7 +226,9 @@ def _cmd_diff(args: argparse.Namespace, ui: _UI) -> int:
     from dcpio.tools.diff import diff_checkpoints
 
     with ui.progress("comparing") as progress:
-        report = diff_checkpoints(args.a, args.b, atol=args.atol, progress=progress)
+        report = diff_checkpoints(
+            args.a, args.b, atol=args.atol, progress=progress, storage_options=_storage_options(args)
+        )
     if args.json:
         ui.print(json.dumps(report.to_dict(), indent=2))
         return EXIT_OK if report.match else EXIT_PROBLEM
@@ -251,7 +253,15 @@ def _cmd_convert(args: argparse.Namespace, ui: _UI) -> int:
         raise UsageError(str(err)) from err
     t0 = time.perf_counter()
     with ui.progress(f"converting to {args.to}") as progress:
-        res = convert(args.src, args.dst, to=args.to, max_shard_size=limit, overwrite=args.overwrite, progress=progress)
+        res = convert(
+            args.src,
+            args.dst,
+            to=args.to,
+            max_shard_size=limit,
+            overwrite=args.overwrite,
+            progress=progress,
+            storage_options=_storage_options(args),
+        )
     dt = time.perf_counter() - t0
     ui.print(
         f"wrote {res.tensors} tensors ({_fmt_bytes(res.bytes)}) to {res.dst} as {args.to} in {dt:.1f}s: "
@@ -306,6 +316,20 @@ def _cmd_bench(args: argparse.Namespace, ui: _UI) -> int:
     return int(run(args))
 
 
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``-o KEY=VALUE`` pairs as fsspec storage options; a VALUE that parses as JSON is used as such."""
+    out: dict[str, Any] = {}
+    for pair in getattr(args, "storage_option", None) or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"-o expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------- parser
 def _common() -> argparse.ArgumentParser:
     # SUPPRESS: a subcommand's copy of these flags must not reset what was given before the subcommand
@@ -329,12 +353,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument(
+        "-o",
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="fsspec storage option for URL paths, repeatable; VALUE may be JSON, e.g. "
+        '-o client_kwargs=\'{"endpoint_url": "http://127.0.0.1:9000"}\'',
+    )
+
+    def add(name: str, help_: str, url: bool = True) -> argparse.ArgumentParser:
         return sub.add_parser(
             name,
             help=help_,
             description=help_,
-            parents=[common],
+            parents=[common, remote] if url else [common],
             epilog=_EXIT_CODES_HELP,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -372,7 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_diff)
 
-    p = add("demo", "train a small model on 2 gloo ranks, save sharded with dcpio, resume on 1, check bit for bit")
+    p = add(
+        "demo",
+        "train a small model on 2 gloo ranks, save sharded with dcpio, resume on 1, check bit for bit",
+        url=False,
+    )
     p.add_argument("dir", nargs="?", default=None, help="keep the checkpoints here (default: a temporary directory)")
     p.add_argument("--steps", type=int, default=3, help="training steps before saving (default 3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,9 +64,9 @@ class Entry:
     """One thing a checkpoint holds.
 
     Attributes:
-        name: the flattened name (``model.layers.0.weight``; optimizer state as
-        ``optim.state.<fqn>.exp_avg``). kind: ``"tensor"`` or ``"object"`` (a non-tensor value: a step count,
-        a string, a small dict). dtype: the tensor's dtype (``None`` for objects).
+        name: the flattened name (``model.layers.0.weight``; optimizer state as ``optim.state.<fqn>.exp_avg``).
+        kind: ``"tensor"`` or ``"object"`` (a non-tensor value: a step count, a string, a small dict).
+        dtype: the tensor's dtype (``None`` for objects).
         shape: the tensor's global shape (``None`` for objects).
     """
 
@@ -147,7 +147,15 @@ class _ItemPlanner(LoadPlanner):
         return None
 
 
-def make_reader(path: str) -> Any:
+def url_fs(path: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """``(fsspec filesystem, root path)`` for an fsspec URL, with the caller's storage options."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+    return fs, str(root).rstrip("/")
+
+
+def make_reader(path: str, storage_options: Mapping[str, Any] | None = None) -> Any:
     """dcpio's reader for ``path`` (checksums on): :class:`dcpio.FsspecReader` for URLs, else the local one.
 
     ``allow_pickle=True`` lets the raw bytes of every non-tensor value reach our planner, which never unpickles
@@ -174,7 +182,8 @@ def make_reader(path: str) -> Any:
         takes_allow = "allow_pickle" in inspect.signature(reader_cls).parameters
     except (TypeError, ValueError):  # a signature Python cannot introspect
         takes_allow = False
-    return reader_cls(path, allow_pickle=True) if takes_allow else reader_cls(path)
+    opts = dict(storage_options or {}) if is_url(path) else {}
+    return reader_cls(path, allow_pickle=True, **opts) if takes_allow else reader_cls(path, **opts)
 
 
 class DcpSource(Source):
@@ -182,9 +191,10 @@ class DcpSource(Source):
 
     kind = "dcp"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.path = path
-        self.reader = make_reader(path)
+        self.storage_options = dict(storage_options or {})
+        self.reader = make_reader(path, self.storage_options)
         self.metadata: Metadata = self.reader.read_metadata()
         self.reader.set_up_storage_reader(self.metadata, True)
         self._mapping = self.metadata.planner_data if isinstance(self.metadata.planner_data, dict) else {}
@@ -450,11 +460,11 @@ def detect(path: str) -> Detected:
     )
 
 
-def open_source(path: str | os.PathLike[str]) -> Source:
-    """Open whatever checkpoint lives at ``path`` for entry-by-entry reading."""
+def open_source(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Source:
+    """Open whatever checkpoint lives at ``path`` for entry-by-entry reading (``storage_options`` for URLs)."""
     found = detect(str(path))
     if found.kind == "dcp":
-        return DcpSource(found.path)
+        return DcpSource(found.path, storage_options)
     if found.kind == "hf":
         return HfSource(found.path)
     return TorchFileSource(found.path)

@@ -1,5 +1,4 @@
-"""``dcpio convert``: between DCP checkpoints, Hugging Face safetensors folders and single ``torch.save``
-files.
+"""``dcpio convert``: between DCP checkpoints, Hugging Face safetensors folders and single ``torch.save`` files.
 
 Every direction streams, so memory stays bounded:
 
@@ -22,6 +21,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,14 +146,14 @@ def _to_hf(src: Source, dst: str, max_shard_size: int, progress: ProgressFn | No
     res.files.append("model.safetensors.index.json")
 
 
-def _make_writer(dst: str) -> Any:
+def _make_writer(dst: str, opts: Mapping[str, Any]) -> Any:
     import dcpio
 
     if is_url(dst):
         writer_cls = getattr(dcpio, "FsspecWriter", None)
         if writer_cls is None:
             raise CheckpointError(f"{dst}: this dcpio build has no fsspec writer (dcpio.FsspecWriter)")
-        return writer_cls(dst)
+        return writer_cls(dst, **opts)
     writer_cls = getattr(dcpio, "FileSystemWriter", None)
     if writer_cls is None:  # the core has not landed in this checkout: fall back to torch's writer
         from torch.distributed.checkpoint import FileSystemWriter
@@ -162,7 +162,7 @@ def _make_writer(dst: str) -> Any:
     return writer_cls(dst)
 
 
-def _to_dcp(src: Source, dst: str, progress: ProgressFn | None, res: ConvertResult) -> None:
+def _to_dcp(src: Source, dst: str, progress: ProgressFn | None, res: ConvertResult, opts: Mapping[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
 
     state: dict[str, Any]
@@ -180,7 +180,7 @@ def _to_dcp(src: Source, dst: str, progress: ProgressFn | None, res: ConvertResu
         progress("convert", 0, total)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: saving in a single process" is what we want
-        dcp.save(state, storage_writer=_make_writer(dst), no_dist=True)
+        dcp.save(state, storage_writer=_make_writer(dst, opts), no_dist=True)
     res.tensors = sum(1 for e in entries if e.kind == "tensor")
     res.bytes = total
     res.files = sorted(os.listdir(dst)) if not is_url(dst) else []
@@ -272,18 +272,20 @@ def convert(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
 
     Args:
-        src: a DCP checkpoint (local path or fsspec URL), a Hugging Face safetensors folder, or a torch.save
-        file. dst: where to write: a directory for ``hf`` and ``dcp``, a file for ``torch``.
+        src: a DCP checkpoint (local path or fsspec URL), a Hugging Face safetensors folder, or a torch.save file.
+        dst: where to write: a directory for ``hf`` and ``dcp`` (a URL too for ``dcp``), a file for ``torch``.
         to: ``"hf"`` (full tensors in safetensors shards plus ``model.safetensors.index.json``), ``"dcp"``
             (written with :class:`dcpio.FileSystemWriter`), or ``"torch"`` (one ``torch.save`` file).
         max_shard_size: largest shard for ``hf`` (bytes or a string like ``"5GB"``); one tensor larger than
             it gets a shard of its own.
         overwrite: replace an existing non-empty ``dst``.
         progress: optional ``progress(description, completed_bytes, total_bytes)`` callback.
+        storage_options: fsspec options for a URL source or a URL destination (``--to dcp``).
 
     Returns:
         A :class:`ConvertResult`.
@@ -306,7 +308,7 @@ def convert(
         raise ValueError(f"{src_s}: source and destination are the same; choose another DST")
     source: Source
     if found.kind == "dcp":
-        source = DcpSource(found.path)
+        source = DcpSource(found.path, storage_options)
     elif found.kind == "hf":
         source = HfSource(found.path)
     else:
@@ -323,7 +325,7 @@ def convert(
         else:
             if not is_url(dst_s):
                 _prepare_dir(dst_s, overwrite)
-            _to_dcp(source, dst_s, progress, res)
+            _to_dcp(source, dst_s, progress, res, dict(storage_options or {}))
     finally:
         source.close()
     return res

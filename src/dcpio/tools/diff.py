@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -140,6 +141,7 @@ def diff_checkpoints(
     b: str | os.PathLike[str],
     atol: float = 0.0,
     progress: ProgressFn | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> DiffReport:
     """Compare checkpoint ``a`` with checkpoint ``b``, entry by entry.
 
@@ -149,12 +151,13 @@ def diff_checkpoints(
         atol: tensors whose maximum absolute difference is at most this count as matching (``close``);
             0 (the default) asks for bit-for-bit equality.
         progress: optional ``progress(description, entries_done, entries_total)`` callback.
+        storage_options: fsspec options for whichever side is a URL.
 
     Returns:
         A :class:`DiffReport`; ``report.match`` tells whether they hold the same values.
     """
-    src_a = open_source(a)
-    src_b = open_source(b)
+    src_a = open_source(a, storage_options)
+    src_b = open_source(b, storage_options)
     try:
         ea = {e.name: e for e in src_a.entries()}
         eb = {e.name: e for e in src_b.entries()}

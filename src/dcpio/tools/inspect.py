@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from dcpio.tools._sources import (
     dtype_name,
     is_url,
     rank_of,
+    url_fs,
 )
 
 __all__ = ["CheckpointSummary", "ItemSummary", "inspect_checkpoint"]
@@ -77,15 +79,13 @@ class CheckpointSummary:
         return asdict(self)
 
 
-def _sizes(path: str, files: list[str]) -> dict[str, int | None]:
+def _sizes(path: str, files: list[str], opts: Mapping[str, Any]) -> dict[str, int | None]:
     """Size on storage of each file under ``path`` (``None`` if it is missing)."""
     out: dict[str, int | None] = {}
     if is_url(path):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(path)
+        fs, root = url_fs(path, opts)
         for f in files:
-            full = root.rstrip("/") + "/" + f
+            full = root + "/" + f
             out[f] = int(fs.size(full)) if fs.exists(full) else None
         return out
     for f in files:
@@ -96,12 +96,10 @@ def _sizes(path: str, files: list[str]) -> dict[str, int | None]:
     return out
 
 
-def _read_head(path: str, rel: str, n: int) -> bytes:
+def _read_head(path: str, rel: str, n: int, opts: Mapping[str, Any]) -> bytes:
     if is_url(path):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(path)
-        with fs.open(root.rstrip("/") + "/" + rel, "rb") as f:
+        fs, root = url_fs(path, opts)
+        with fs.open(root + "/" + rel, "rb") as f:
             return bytes(f.read(n))
     with open(os.path.join(path, rel), "rb") as f:
         return f.read(n)
@@ -118,14 +116,14 @@ def _inspect_dcp(src: DcpSource) -> CheckpointSummary:
         if getattr(info, "dcpio_checksum", None) is None:
             checksummed = False
     files = sorted({info.relative_path for info in storage.values()})
-    sizes = _sizes(src.path, [*files, ".metadata"])
+    sizes = _sizes(src.path, [*files, ".metadata"], src.storage_options)
     total = sum(s for s in sizes.values() if s is not None)
     ranks = {r for r in (rank_of(f) for f in files) if r is not None}
 
     fmt = "dcp torch_save"
     for f in files:
         if sizes.get(f):
-            head = _read_head(src.path, f, 9)
+            head = _read_head(src.path, f, 9, src.storage_options)
             # a safetensors file opens with a little-endian header length and then the JSON "{"
             if len(head) == 9 and head[:4] != b"PK\x03\x04" and head[8:9] == b"{":
                 fmt = "dcp safetensors"
@@ -222,12 +220,15 @@ def _inspect_torch(src: TorchFileSource) -> CheckpointSummary:
     )
 
 
-def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
+def inspect_checkpoint(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> CheckpointSummary:
     """Summarise the checkpoint at ``path`` from its metadata and headers, without reading tensor data.
 
     Args:
         path: a DCP checkpoint directory (local path or fsspec URL), a Hugging Face safetensors folder (or one
             ``.safetensors`` file), or a ``torch.save`` file.
+        storage_options: fsspec options for a URL (``key``, ``secret``, ``client_kwargs`` ...).
 
     Returns:
         A :class:`CheckpointSummary`.
@@ -239,7 +240,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
     """
     found = detect(str(path))
     if found.kind == "dcp":
-        return _inspect_dcp(DcpSource(found.path))
+        return _inspect_dcp(DcpSource(found.path, storage_options))
     if found.kind == "hf":
         return _inspect_hf(HfSource(found.path))
     return _inspect_torch(TorchFileSource(found.path))

@@ -1,5 +1,4 @@
-"""``dcpio verify``: read every byte of a checkpoint and report everything that is damaged, not just the
-first.
+"""``dcpio verify``: read every byte of a checkpoint and report everything that is damaged, not the first only.
 
 DCP checkpoints are read through dcpio's reader with checksum verification on, one stored chunk at a time
 (memory is bounded by the largest chunk), catching the error of each chunk so that every damaged file and
@@ -12,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from dcpio.tools._sources import (
     TorchFileSource,
     detect,
     is_url,
+    url_fs,
 )
 
 __all__ = ["Problem", "VerifyReport", "verify_checkpoint"]
@@ -108,13 +109,10 @@ def _classify(err: BaseException) -> str:
     return "unreadable"
 
 
-def _dir_listing(path: str) -> tuple[list[str], dict[str, int]]:
+def _dir_listing(path: str, opts: Mapping[str, Any]) -> tuple[list[str], dict[str, int]]:
     """Plain files directly under the checkpoint directory and their sizes."""
     if is_url(path):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(path)
-        root = root.rstrip("/")
+        fs, root = url_fs(path, opts)
         names: list[str] = []
         sizes: dict[str, int] = {}
         for info in fs.ls(root, detail=True):
@@ -128,9 +126,9 @@ def _dir_listing(path: str) -> tuple[list[str], dict[str, int]]:
     return names, {n: os.path.getsize(os.path.join(path, n)) for n in names}
 
 
-def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None) -> None:
+def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None, opts: Mapping[str, Any]) -> None:
     try:
-        src = DcpSource(path)
+        src = DcpSource(path, opts)
     except FileNotFoundError as err:
         report.problems.append(
             Problem(
@@ -147,7 +145,7 @@ def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None) ->
         return
 
     storage = src.storage_info()
-    names, sizes = _dir_listing(path)
+    names, sizes = _dir_listing(path, opts)
     referenced = {info.relative_path for info in storage.values()}
     report.unreferenced = sorted(n for n in names if n not in referenced and not _METADATA_RE.match(n))
     report.checksummed = bool(storage) and all(getattr(i, "dcpio_checksum", None) is not None for i in storage.values())
@@ -277,12 +275,17 @@ def _verify_torch(path: str, report: VerifyReport, progress: ProgressFn | None) 
             progress("verify", done, total)
 
 
-def verify_checkpoint(path: str | os.PathLike[str], progress: ProgressFn | None = None) -> VerifyReport:
+def verify_checkpoint(
+    path: str | os.PathLike[str],
+    progress: ProgressFn | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> VerifyReport:
     """Read every byte of the checkpoint at ``path`` and report every damaged file and item.
 
     Args:
-        path: a DCP checkpoint (local path or fsspec URL), a Hugging Face safetensors folder, or a torch.save
-        file. progress: optional ``progress(description, completed_bytes, total_bytes)`` callback.
+        path: a DCP checkpoint (local path or fsspec URL), a Hugging Face safetensors folder, or a torch.save file.
+        progress: optional ``progress(description, completed_bytes, total_bytes)`` callback.
+        storage_options: fsspec options for a URL (``key``, ``secret``, ``client_kwargs`` ...).
 
     Returns:
         A :class:`VerifyReport`; ``report.ok`` is True when nothing is wrong.
@@ -303,7 +306,7 @@ def verify_checkpoint(path: str | os.PathLike[str], progress: ProgressFn | None 
         raise
     report = VerifyReport(path=found.path, format=found.kind)
     if found.kind == "dcp":
-        _verify_dcp(found.path, report, progress)
+        _verify_dcp(found.path, report, progress, dict(storage_options or {}))
     elif found.kind == "hf":
         _verify_hf(found.path, report, progress)
     else:
