@@ -262,9 +262,7 @@ def _read_verified(
         )
     lead = memoryview(bytearray(start - lo))
     trail = memoryview(bytearray(hi - stop))
-    for off, buf in ((lo, lead), (start, dest), (stop, trail)):
-        if len(buf):
-            handle.readinto(off, buf)
+    handle.readinto_many(lo, [lead, dest, trail])
     verify_pieces(sums, [(lo, lead), (start, dest), (stop, trail)], handle.path, where)
     return dest
 

@@ -1,14 +1,16 @@
 """Staging for ``dcp.async_save``: a CPU copy of the state dict that training can no longer change.
 
 ``dcp.async_save`` calls ``stage(state_dict)`` on the caller's thread and writes the returned copy in the
-background, so the time spent here is the time training is blocked. The copy reuses torch's state-dict traversal
-(which understands DTensor and ShardedTensor) for structure and does the byte copies itself. With
-``cache_staged_state_dict=True`` the buffers of the first copy are kept and refilled by later saves (pinned when an
-accelerator is present), so from the second save on staging is one memcpy into warm memory, without allocating.
+background, so the time spent here is the time training is blocked. The walk copies every tensor into fresh CPU
+memory, deep-copies any other value (torch's own stager refuses values that are not tensors, containers or
+primitives), and keeps DTensor / ShardedTensor wrappers by staging them with torch's state-dict helpers. With
+``cache_staged_state_dict=True`` the tensor buffers of the first copy are kept (pinned when an accelerator is
+present) and refilled by later saves, so from the second save on staging is one memcpy into warm memory.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -24,15 +26,24 @@ def _accelerator_present() -> bool:
         return False
 
 
+def _is_distributed_tensor(value: object) -> bool:
+    if not isinstance(value, torch.Tensor) or type(value) is torch.Tensor:
+        return False
+    name = type(value).__name__
+    return name in ("DTensor", "ShardedTensor")
+
+
 class DcpioStager:
     """The ``AsyncStager`` half of :class:`dcpio.FileSystemWriter` (torch's protocol: ``stage``,
     ``should_synchronize_after_execute``, ``synchronize_staging``, ``close``)."""
 
     _synchronize_after_execute: bool = False
+    per_thread_copy_ahead: int
 
     def __init__(self, cache_staged_state_dict: bool = False) -> None:
         self.cache_staged_state_dict = cache_staged_state_dict
         self.state_dict_cache: dict[str, Any] | None = None
+        self._buffers: dict[tuple[Any, ...], Any] = {}
 
     @property
     def should_synchronize_after_execute(self) -> bool:
@@ -43,14 +54,63 @@ class DcpioStager:
         # the copy is already on the CPU: nothing to copy ahead of the writes
         self.per_thread_copy_ahead = 0
         if not self.cache_staged_state_dict:
-            staged = _create_cpu_state_dict(state_dict)
-            return _copy_state_dict(state_dict, staged)
-        if self.state_dict_cache is None:
-            self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=_accelerator_present())
-        return _copy_state_dict(state_dict, self.state_dict_cache)
+            self._buffers = {}
+        staged = self._stage(state_dict, ())
+        if self.cache_staged_state_dict:
+            self.state_dict_cache = staged
+        return staged
+
+    def _stage(self, value: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(value, dict):
+            try:
+                out = type(value)()  # keeps OrderedDict and other dict subclasses
+            except TypeError:
+                out = {}
+            for key, item in value.items():
+                out[key] = self._stage(item, (*path, key))
+            return out
+        if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
+            items = [self._stage(item, (*path, i)) for i, item in enumerate(value)]
+            return type(value)(items)
+        if _is_distributed_tensor(value):
+            return self._stage_wrapped(value, path)
+        if isinstance(value, torch.Tensor):
+            return self._stage_tensor(value, path)
+        return copy.deepcopy(value)
+
+    def _stage_tensor(self, tensor: torch.Tensor, path: tuple[Any, ...]) -> torch.Tensor:
+        src = tensor.detach()
+        buf = self._buffers.get(path)
+        fits = (
+            isinstance(buf, torch.Tensor)
+            and buf.shape == src.shape
+            and buf.dtype == src.dtype
+            and buf.layout == src.layout
+        )
+        if not fits:
+            pin = self.cache_staged_state_dict and src.device.type != "cpu" and _accelerator_present()
+            buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin) if src.layout == torch.strided else None
+        if buf is None:  # sparse and other layouts: a plain copy
+            buf = src.to("cpu", copy=True)
+        else:
+            buf.copy_(src, non_blocking=False)
+        if self.cache_staged_state_dict:
+            self._buffers[path] = buf
+        return buf
+
+    def _stage_wrapped(self, value: torch.Tensor, path: tuple[Any, ...]) -> Any:
+        # DTensor / ShardedTensor: torch's helpers know how to rebuild the wrapper around a CPU local tensor
+        holder = {"v": value}
+        cached = self._buffers.get(path)
+        if cached is None:
+            cached = _create_cpu_state_dict(holder, pin_memory=self.cache_staged_state_dict and _accelerator_present())
+            if self.cache_staged_state_dict:
+                self._buffers[path] = cached
+        return _copy_state_dict(holder, cached)["v"]
 
     def synchronize_staging(self) -> None:
         """Staging is blocking: nothing to wait for."""
 
     def close(self) -> None:
         self.state_dict_cache = None
+        self._buffers = {}

@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import uuid
+import warnings
 from collections.abc import Sequence
 from enum import Enum
 from typing import Any
@@ -36,7 +37,7 @@ from torch.futures import Future
 
 from dcpio import knobs
 from dcpio.engine import FileJob, WriteOptions, write_files
-from dcpio.errors import CheckpointExistsError, CheckpointWriteError
+from dcpio.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
 from dcpio.staging import DcpioStager
@@ -162,12 +163,19 @@ class _DcpioWriter(StorageWriter):
     def _threads(self) -> int:
         return self.thread_count if self.thread_count is not None else knobs.default_io_threads()
 
-    def _file_name(self, prefix: str, n: int) -> str:
+    def _file_name(self, prefix: str, n: int, taken: set[str]) -> str:
         name = f"{prefix}{n}{DEFAULT_SUFFIX}"
-        if self.fs.exists(str(self.fs.concat_path(self.path, name))):
+        if name in taken:
             # the name belongs to an earlier save (perhaps the committed one): never write over it
             name = f"{prefix}{n}.{self.save_id.replace('-', '')[:8]}{DEFAULT_SUFFIX}"
         return name
+
+    def _existing_names(self) -> set[str]:
+        # one listing per save instead of an existence check per file (two requests each on S3)
+        try:
+            return {str(p).rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path)}
+        except FileNotFoundError:
+            return set()
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix_obj = plan.storage_data
@@ -175,8 +183,9 @@ class _DcpioWriter(StorageWriter):
         threads = self._threads()
         groups = _buckets(plan.items, threads) if self.single_file_per_rank else [[it] for it in plan.items]
         jobs = []
+        taken = self._existing_names()
         for n, items in enumerate(groups):
-            name = self._file_name(prefix, n)
+            name = self._file_name(prefix, n, taken)
             jobs.append(FileJob(name, str(self.fs.concat_path(self.path, name)), tuple(items)))
         opts = WriteOptions(
             threads=threads,
@@ -206,6 +215,10 @@ class _DcpioWriter(StorageWriter):
                 f"{target}: the checkpoint metadata cannot be pickled ({err}); the previous checkpoint is intact"
             ) from err
         self.fs.write_file_atomic(target, payload, self.sync_files)
+        if per_rank:
+            # a global .metadata left by an earlier collective save would shadow this per-rank checkpoint on load
+            # (dcp.load tries it first) and names files about to be removed: it is superseded now
+            self.fs.remove_quietly(self._metadata_path(None))
         self._remove_superseded(storage_md, self.rank if per_rank else None)
 
     def _remove_superseded(self, storage_md: dict[Any, Any], only_rank: int | None) -> None:
@@ -213,7 +226,9 @@ class _DcpioWriter(StorageWriter):
         keep = {getattr(info, "relative_path", None) for info in storage_md.values()}
         try:
             entries = self.fs.ls(self.path)
-        except (OSError, NotImplementedError):
+        except (OSError, NotImplementedError, CheckpointError) as err:
+            # the new checkpoint is committed; leftover files cost space, not correctness
+            warnings.warn(f"{self.path}: committed, but listing old data files for removal failed: {err}", stacklevel=2)
             return
         for full in entries:
             name = str(full).rstrip("/").rsplit("/", 1)[-1]
@@ -222,7 +237,10 @@ class _DcpioWriter(StorageWriter):
                 continue
             if only_rank is not None and int(match.group(1)) != only_rank:
                 continue
-            self.fs.remove_quietly(str(self.fs.concat_path(self.path, name)))
+            try:
+                self.fs.remove_quietly(str(self.fs.concat_path(self.path, name)))
+            except (OSError, CheckpointError) as err:
+                warnings.warn(f"{self.path}: committed, but removing superseded {name} failed: {err}", stacklevel=2)
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)

@@ -70,6 +70,13 @@ class ReadHandle(ABC):
     def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the bytes at ``[offset, offset + len(buf))``; raise if the file ends before."""
 
+    def readinto_many(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Fill ``buffers`` from consecutive bytes starting at ``offset`` (one request where the store allows)."""
+        for buf in buffers:
+            if len(buf):
+                self.readinto(offset, buf)
+                offset += len(buf)
+
     def read(self, offset: int, length: int) -> bytes:
         out = bytearray(length)
         self.readinto(offset, memoryview(out))

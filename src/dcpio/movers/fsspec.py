@@ -849,6 +849,20 @@ class _RangedReadHandle(ReadHandle):
                 self._blocks.popitem(last=False)
         return block
 
+    def readinto_many(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        # one ranged GET (or one split read) for consecutive pieces, then scattered: requests cost more than copies
+        views = [b.cast("B") if b.format != "B" or b.ndim != 1 else b for b in buffers if len(b)]
+        if len(views) <= 1:
+            for v in views:
+                self.readinto(offset, v)
+            return
+        whole = memoryview(bytearray(sum(len(v) for v in views)))
+        self.readinto(offset, whole)
+        pos = 0
+        for v in views:
+            v[:] = whole[pos : pos + len(v)]
+            pos += len(v)
+
     def readinto(self, offset: int, buf: memoryview) -> None:
         if buf.format != "B" or buf.ndim != 1:
             buf = buf.cast("B")

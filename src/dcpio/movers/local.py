@@ -147,6 +147,28 @@ class LocalReadHandle(ReadHandle):
                 f"{self.path}: reading bytes [{offset}, {offset + want}) failed: {err.strerror or err}"
             ) from err
 
+    def readinto_many(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        # one preadv for all pieces; a short read (signal, page-cache pressure) finishes piece by piece
+        views = [b.cast("B") if b.format != "B" or b.ndim != 1 else b for b in buffers if len(b)]
+        total = sum(len(v) for v in views)
+        if self._fd is None or not views or total > _MAX_IO or len(views) > _IOV_MAX:
+            super().readinto_many(offset, views)
+            return
+        try:
+            got = os.preadv(self._fd, views, offset)
+        except OSError as err:
+            raise CheckpointReadError(
+                f"{self.path}: reading bytes [{offset}, {offset + total}) failed: {err.strerror or err}"
+            ) from err
+        if got < total:
+            pos = 0
+            for v in views:
+                end = pos + len(v)
+                if end > got:
+                    start = max(got - pos, 0)
+                    self.readinto(offset + pos + start, v[start:])
+                pos = end
+
     def close(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
