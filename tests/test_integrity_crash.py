@@ -164,7 +164,8 @@ def test_sigkill_at_random_moments_leaves_old_or_new_checkpoint(tmp_path: Path, 
     # the kills must have hit saves in flight, not only idle moments: some rounds advanced, some did not
     moved = sum(1 for _, floor, v in outcomes if v > floor)
     print(
-        f"{len(outcomes)} kills, save period {period * 1000:.0f} ms, {mid_save} mid-save, {moved} after an unrecorded commit"
+        f"{len(outcomes)} kills, save period {period * 1000:.0f} ms, {mid_save} mid-save, "
+        f"{moved} after an unrecorded commit"
     )
     assert mid_save, "no kill landed inside a save (no uncommitted files were ever found): the test proved nothing"
     assert outcomes[-1][2] > outcomes[0][1], f"no save committed during the kill rounds: {outcomes}"
