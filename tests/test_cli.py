@@ -425,6 +425,37 @@ def test_convert_refusals(tmp_path: Path, dcpio_ckpt: Path, capsys: pytest.Captu
     assert not (dst / "keep.txt").exists()
 
 
+def test_transformers_folder_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a folder exactly as transformers writes it (sharded, with an index), through DCP and back to HF
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config)
+    src = tmp_path / "hf_src"
+    model.save_pretrained(str(src), max_shard_size="100KB")
+    assert len(list(src.glob("*.safetensors"))) > 1
+
+    assert main(["inspect", "--json", str(src)]) == EXIT_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["format"] == "hf safetensors"
+    on_disk = {k: v for k, v in transformers.GPT2LMHeadModel.from_pretrained(str(src)).state_dict().items()}
+    items = {i["name"]: i for i in doc["items"]}
+    assert items["transformer.wte.weight"]["shape"] == [1000, 64]
+    assert set(items) <= set(on_disk)
+
+    ck = tmp_path / "dcp"
+    out = tmp_path / "hf_out"
+    assert main(["convert", str(src), str(ck), "--to", "dcp"]) == EXIT_OK
+    assert main(["verify", str(ck)]) == EXIT_OK
+    assert main(["convert", str(ck), str(out), "--to", "hf"]) == EXIT_OK
+    assert main(["diff", str(src), str(out)]) == EXIT_OK
+    shutil.copy(src / "config.json", out / "config.json")  # the weights are ours to convert; the config is the user's
+    again = transformers.GPT2LMHeadModel.from_pretrained(str(out)).state_dict()
+    assert set(again) == set(on_disk)
+    for name, tensor in on_disk.items():
+        assert bitwise_equal(tensor, again[name]), name
+
+
 def test_installed_script_inspect_json(dcpio_ckpt: Path) -> None:
     script = Path(sys.executable).parent / "dcpio"
     if not script.exists():
