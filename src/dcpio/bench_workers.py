@@ -41,9 +41,7 @@ def read_proc_io() -> dict[str, int]:
     return counters
 
 
-def expected_block(
-    tid: int, spec: TensorSpec, rows: tuple[int, int], cols: tuple[int, int] | None
-) -> torch.Tensor:
+def expected_block(tid: int, spec: TensorSpec, rows: tuple[int, int], cols: tuple[int, int] | None) -> torch.Tensor:
     """Exact values of ``spec[r0:r1, c0:c1]`` (or ``spec[r0:r1]`` for vectors)."""
     r = torch.arange(rows[0], rows[1], dtype=torch.int64)
     if len(spec.shape) == 1:
@@ -112,7 +110,7 @@ def _reshard_load(job: dict[str, Any]) -> dict[str, Any]:
 
     rank, world, mesh = _init()
     specs = workload_specs(job["size"])
-    systems: list[str] = job["systems"]
+    systems: list[str] = job.get("load_systems", job["systems"])
     targets: dict[str, dict[str, Any]] = {}
     needed = 0
     for system in systems:
