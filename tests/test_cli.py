@@ -299,6 +299,31 @@ def test_verify_subprocess_damaged_plain_output(damaged: Path) -> None:
     assert doc["ok"] is False and [p["item"] for p in doc["problems"]] == ["dtypes.float32"]
 
 
+def test_verify_damaged_hf_folder_and_torch_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import save_file
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file({"a": torch.randn(100, 100)}, str(hf / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.randn(10)}, str(hf / "model-00002-of-00002.safetensors"))
+    assert main(["verify", str(hf)]) == EXIT_OK
+    capsys.readouterr()
+    victim = hf / "model-00001-of-00002.safetensors"
+    os.truncate(victim, victim.stat().st_size - 100)
+    assert main(["verify", str(hf)]) == EXIT_PROBLEM
+    assert victim.name in capsys.readouterr().out
+    report = verify_checkpoint(hf)
+    assert report.damaged_files() == [victim.name]
+    assert report.items_checked == 1  # the sound file's tensor was still read
+
+    pt = tmp_path / "m.pt"
+    torch.save({"w": torch.randn(1000)}, pt)
+    assert main(["verify", str(pt)]) == EXIT_OK
+    os.truncate(pt, pt.stat().st_size - 2000)
+    assert main(["verify", str(pt)]) == EXIT_PROBLEM
+    assert "m.pt" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------- diff
 def test_diff_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(3), "only_a": torch.zeros(2)}

@@ -228,24 +228,31 @@ def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None, op
 
 
 def _verify_hf(path: str, report: VerifyReport, progress: ProgressFn | None) -> None:
+    # one file at a time, so a broken header costs that file only and every other file is still read
     base = path if os.path.isdir(path) else os.path.dirname(path)
-    try:
-        src = HfSource(path)
-    except (CheckpointError, ValueError, KeyError, OSError) as err:
-        report.problems.append(Problem("corrupt", None, None, _first_line(err)))
-        return
-    entries = src.entries()
-    total = sum(e.nbytes for e in entries)
+    files = (
+        sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        if os.path.isdir(path)
+        else [path]
+    )
+    total = sum(os.path.getsize(f) for f in files)
     done = 0
-    for entry in entries:
-        rel = os.path.relpath(src.file_of(entry.name), base)
+    for file in files:
+        rel = os.path.relpath(file, base)
         try:
-            t = src.load(entry.name)
-            report.bytes_read += t.numel() * t.element_size()
-        except Exception as err:  # every failure of one tensor is reported and the scan goes on
-            report.problems.append(Problem(_classify(err), rel, entry.name, f"{rel}: {entry.name}: {_first_line(err)}"))
-        report.items_checked += 1
-        done += entry.nbytes
+            src = HfSource(file)
+        except (CheckpointError, OSError) as err:
+            report.problems.append(Problem(_classify(err), rel, None, _first_line(err)))
+            done += os.path.getsize(file)
+            continue
+        for entry in src.entries():
+            try:
+                t = src.load(entry.name)
+                report.bytes_read += t.numel() * t.element_size()
+            except Exception as err:  # every failure of one tensor is reported and the scan goes on
+                report.problems.append(Problem(_classify(err), rel, entry.name, _first_line(err)))
+            report.items_checked += 1
+        done += os.path.getsize(file)
         if progress is not None:
             progress("verify", done, total)
 
