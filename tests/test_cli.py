@@ -507,6 +507,13 @@ def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert verify_checkpoint(ckpt).ok
     # what stock torch saved from the same ranks holds the same values
     assert main(["diff", str(ckpt), str(where / "torch_ckpt")]) == EXIT_OK
+    # shards from 2 ranks become full tensors in HF files
+    assert main(["convert", str(ckpt), str(where / "hf"), "--to", "hf", "--max-shard-size", "40MB"]) == EXIT_OK
+    report = diff_checkpoints(ckpt, where / "hf")
+    assert {e.status for e in report.entries} == {"equal", "only-a"}
+    assert {e.name for e in report.entries if e.status == "equal"} == {
+        i.name for i in summary.items if i.kind == "tensor"
+    }
 
 
 # ------------------------------------------------------------------------------------------------- fsspec URLs
