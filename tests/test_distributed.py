@@ -19,9 +19,6 @@ import torch.distributed.checkpoint as dcp
 import dcpio
 from helpers import assert_tree_equal, rand_tensor, spawn_ranks, template_like
 
-# each launch starts 2-3 interpreters that import torch: > 20 s on the 2-core reference machine
-pytestmark = pytest.mark.slow
-
 
 def _full() -> dict[str, torch.Tensor]:
     """The unsharded tensors, identical in every process (fixed seed)."""
