@@ -243,11 +243,6 @@ def _fill_leaving(mnt: Path, free_bytes: int) -> None:
         (mnt / "filler").write_bytes(b"\0" * (have - free_bytes))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: when the data files fit but the .metadata commit hits ENOSPC, the new data files stay "
-    "behind (FileSystemWriter.finish does not remove them); see the integrity report",
-)
 def test_enospc_at_metadata_commit_removes_new_data_files(small_tmpfs: Path, tmp_path: Path) -> None:
     ckpt = small_tmpfs / "ckpt"
     good = _sd(3, 1.0)

@@ -135,11 +135,6 @@ def test_valid_metadata_pickles_load() -> None:
         assert set(md.state_dict_metadata) == {"w", "step"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="minor core gap: protocol 0-2 pickles encode bytes (dcpio's checksum digests) through "
-    "__builtin__.bytes / _codecs.encode, which the restricted unpickler refuses as unsafe",
-)
 def test_protocol_2_metadata_with_checksums_loads() -> None:
     load_metadata(_valid_metadata_pickle(2), "fuzz/.metadata")
 
@@ -153,11 +148,6 @@ def test_load_metadata_on_random_bytes(data: bytes) -> None:
         pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: validate_metadata lets AttributeError escape when a damaged pickle lacks a field "
-    "(e.g. the name 'state_dict_metadata' or 'properties' has a flipped byte)",
-)
 @_FAST
 @given(st.sampled_from(_VALID), st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=3))
 def test_load_metadata_on_mutated_valid_pickles(valid: bytes, flips: list[tuple[int, int]]) -> None:

@@ -168,7 +168,10 @@ def _write_one_file(fs: FileSystemBase, job: FileJob, planner: SavePlanner, opts
             length = handle.write(pieces)
             del keepalive
             info = _StorageInfo(job.relative_path, offset, length, transform_descriptors=descriptors)
-            setattr(info, ATTRIBUTE, hasher.finish().to_record())
+            sums = hasher.finish()
+            if item.type != WriteItemType.BYTE_IO and not opts.extensions:
+                sums = sums.with_head(pieces[0])
+            setattr(info, ATTRIBUTE, sums.to_record())
             results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=info))
         if safetensors_items:
             results += dcp_safetensors.write_blob(handle, job.relative_path, safetensors_items, opts.checksum_block)
@@ -224,6 +227,8 @@ class ReadOptions:
     verify: bool
     registry: Any
     root: str
+    # (dtype, chunk sizes) the metadata promises for a stored item; None when it does not say
+    expected: Callable[[MetadataIndex], tuple[torch.dtype, tuple[int, ...]] | None] = lambda index: None
 
 
 @dataclass
@@ -296,10 +301,28 @@ def _load_tensor_group(
         )
     if info.transform_descriptors:
         stored = _read_verified(handle, base, base + info.length, None, sums, opts.verify, where)
-        raw = apply_decode(opts.registry, info.transform_descriptors, bytes(stored))
-        if raw[:4] != ZIP_MAGIC:
+        decode_error: CheckpointError | None = None
+        try:
+            raw = _decode(opts, info, bytes(stored), where)
+        except CheckpointError as err:
+            raw, decode_error = bytearray(), err
+        if raw[:4] == ZIP_MAGIC:
+            _copy_from_record_bytes(memoryview(raw), group, targets, where, opts)
+            return
+        if raw:
             raise CorruptCheckpointError(f"{where}: decoded item is not a torch.save record")
-        _copy_from_record_bytes(memoryview(raw), group, targets, where)
+        # torch's SAFETENSORS layout with a transform: an empty frame stands where the tensor would be
+        from dcpio.formats import dcp_safetensors
+
+        try:
+            rec, data_base = dcp_safetensors.locate(handle, info, fqn, where, after_frames=True)
+        except CheckpointError:
+            if decode_error is not None:
+                raise decode_error from None
+            raise
+        _check_expected(rec, group.requests[0].storage_index, opts, where)
+        for req in group.requests:
+            _read_request(handle, rec, data_base, req, targets[id(req)], None, opts.verify, where)
         return
     if info.length <= _SMALL_ITEM:
         # one read for the whole record instead of header, directory and data reads: small items are syscall-bound
@@ -308,24 +331,51 @@ def _load_tensor_group(
         if stored[:4] == ZIP_MAGIC:
             if opts.verify and sums is not None:
                 verify_pieces(sums, [(base, stored)], handle.path, where)
-            _copy_from_record_bytes(stored, group, targets, where)
+            _copy_from_record_bytes(stored, group, targets, where, opts)
             return
 
     magic = handle.read(base, 4) if info.length >= 4 else b""
     if magic == ZIP_MAGIC:
         rec = parse_tensor_item(lambda o, n: handle.read(base + o, n), info.length, where)
+        if opts.verify and sums is not None and sums.head_length >= 0:
+            # the requested blocks alone cannot vouch for *where* they are: check the header that says so
+            if rec.data_offset != sums.head_length:
+                raise CorruptCheckpointError(
+                    f"{where}: the record says its data starts at byte {rec.data_offset} of the item, the checksum "
+                    f"record says {sums.head_length}; the record header is damaged. Restore the file or load an "
+                    "earlier checkpoint."
+                )
+            sums.check_head(handle.read(base, sums.head_length), handle.path, where)
         data_base = base + rec.data_offset
     else:
         from dcpio.formats import dcp_safetensors
 
         rec, data_base = dcp_safetensors.locate(handle, info, fqn, where)
+    _check_expected(rec, group.requests[0].storage_index, opts, where)
     for req in group.requests:
         _read_request(handle, rec, data_base, req, targets[id(req)], sums, opts.verify, where)
 
 
-def _copy_from_record_bytes(raw: memoryview, group: _Group, targets: dict[int, torch.Tensor], where: str) -> None:
+def _check_expected(rec: TensorRecord, index: MetadataIndex, opts: ReadOptions, where: str) -> None:
+    """The record must hold the dtype and chunk shape the metadata promises (catches damaged record headers)."""
+    expected = opts.expected(index)
+    if expected is None:
+        return
+    dtype, sizes = expected
+    if rec.dtype != dtype or tuple(rec.size) != tuple(sizes):
+        raise CorruptCheckpointError(
+            f"{where}: the stored record holds {rec.dtype} {list(rec.size)} but the metadata says {dtype} "
+            f"{list(sizes)}; the data file's record header is damaged (or belongs to another checkpoint). Restore "
+            "the file or load an earlier checkpoint."
+        )
+
+
+def _copy_from_record_bytes(
+    raw: memoryview, group: _Group, targets: dict[int, torch.Tensor], where: str, opts: ReadOptions
+) -> None:
     """Serve every request of ``group`` from a whole ``torch.save`` record held in memory."""
     rec = parse_tensor_item(lambda o, n: bytes(raw[o : o + n]), len(raw), where)
+    _check_expected(rec, group.requests[0].storage_index, opts, where)
     if rec.data_length:
         whole = torch.frombuffer(raw[rec.data_offset : rec.data_offset + rec.data_length], dtype=torch.uint8)
     else:
@@ -448,8 +498,20 @@ def _load_bytes_group(path: str, group: _Group, opts: ReadOptions, handles: Call
     )
     data = bytes(stored)
     if info.transform_descriptors:
-        data = bytes(apply_decode(opts.registry, info.transform_descriptors, data))
+        data = bytes(_decode(opts, info, data, where))
     return data
+
+
+def _decode(opts: ReadOptions, info: _StorageInfo, stored: bytes, where: str) -> bytearray:
+    try:
+        return apply_decode(opts.registry, info.transform_descriptors or (), stored)
+    except CheckpointError:
+        raise
+    except Exception as err:  # a damaged compressed stream may fail in any way inside the codec
+        raise CorruptCheckpointError(
+            f"{where}: cannot undo stream transforms {list(info.transform_descriptors or ())}: "
+            f"{type(err).__name__}: {err}. The stored item is damaged; restore the file or load an earlier checkpoint."
+        ) from err
 
 
 class _HandleCache:

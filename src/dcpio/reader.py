@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
@@ -80,6 +80,7 @@ class FileSystemReader(StorageReader):
         self.thread_count = thread_count
         self.allow_pickle = allow_pickle
         self.storage_data: dict[Any, Any] = {}
+        self._metadata: Metadata | None = None
         self.load_id = str(uuid.uuid4())
         self.rank: int | None = None
         self.is_coordinator = False
@@ -145,12 +146,13 @@ class FileSystemReader(StorageReader):
             where = f"{root}/{METADATA_NAME}: item '{getattr(index, 'fqn', index)}'"
             if not isinstance(info, _StorageInfo):
                 raise CorruptCheckpointError(f"{where}: storage info is a {type(info).__name__}, not _StorageInfo")
-            rel = check_relative_path(info.relative_path, where)
-            if not (
-                isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0 and info.length >= 0
-            ):
-                raise CorruptCheckpointError(f"{where}: invalid offset/length {info.offset!r}/{info.length!r}")
-            descriptors = info.transform_descriptors
+            rel = check_relative_path(getattr(info, "relative_path", None), where)
+            offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+            if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0):
+                raise CorruptCheckpointError(
+                    f"{where}: invalid offset/length {offset!r}/{length!r}; the .metadata file is damaged"
+                )
+            descriptors = getattr(info, "transform_descriptors", None)
             if descriptors is not None and not (
                 isinstance(descriptors, list | tuple) and all(isinstance(d, str) for d in descriptors)
             ):
@@ -159,6 +161,21 @@ class FileSystemReader(StorageReader):
                 check_stays_inside(local_root, rel, where)
                 checked.add(rel)
         self.storage_data = storage
+        self._metadata = metadata
+
+    def _expected(self, index: Any) -> tuple[torch.dtype, tuple[int, ...]] | None:
+        md = self._metadata.state_dict_metadata.get(index.fqn) if self._metadata is not None else None
+        if not isinstance(md, TensorStorageMetadata):
+            return None
+        chunks = md.chunks
+        wanted = tuple(index.offset or ())
+        hint = index.index
+        if hint is not None and 0 <= hint < len(chunks) and tuple(chunks[hint].offsets) == wanted:
+            return md.properties.dtype, tuple(chunks[hint].sizes)
+        for chunk in chunks:
+            if tuple(chunk.offsets) == wanted:
+                return md.properties.dtype, tuple(chunk.sizes)
+        return None
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -190,6 +207,7 @@ class FileSystemReader(StorageReader):
             verify=self.verify_checksums,
             registry=self.registry,
             root=str(self.path),
+            expected=self._expected,
         )
         read_plan(self.fs, plan.items, self.storage_data, planner, opts, self._check_bytes)
         future: Future[None] = Future()

@@ -214,7 +214,14 @@ class _DcpioWriter(StorageWriter):
             raise CheckpointWriteError(
                 f"{target}: the checkpoint metadata cannot be pickled ({err}); the previous checkpoint is intact"
             ) from err
-        self.fs.write_file_atomic(target, payload, self.sync_files)
+        try:
+            self.fs.write_file_atomic(target, payload, self.sync_files)
+        except BaseException:
+            # not committed: this save's data files are orphans (they never reuse a name the old checkpoint has)
+            for name in {getattr(info, "relative_path", None) for info in storage_md.values()}:
+                if isinstance(name, str):
+                    self.fs.remove_quietly(str(self.fs.concat_path(self.path, name)))
+            raise
         if per_rank:
             # a global .metadata left by an earlier collective save would shadow this per-rank checkpoint on load
             # (dcp.load tries it first) and names files about to be removed: it is superseded now

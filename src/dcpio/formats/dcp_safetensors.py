@@ -103,13 +103,51 @@ def _header_at(handle: ReadHandle, offset: int, where: str) -> SafetensorsHeader
     return header
 
 
-def locate(handle: ReadHandle, info: _StorageInfo, fqn: str, where: str) -> tuple[TensorRecord, int]:
-    """Find tensor ``fqn`` in the safetensors blob ``info`` points at; returns its record and absolute data start."""
-    header = _header_at(handle, info.offset, where)
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _skip_empty_frames(handle: ReadHandle, offset: int, where: str) -> int:
+    """Where the blob starts behind the empty transform frames torch writes in place of each tensor.
+
+    torch's writer, with a stream transform and the SAFETENSORS format, opens the transform for every tensor, writes
+    nothing into it and closes it: each tensor's offset points at an empty zstd frame, and the blob follows the
+    last of them. The frames are walked (and checked to be empty) until the blob's header.
+    """
+    import zstandard
+
+    size = handle.size()
+    pos = offset
+    for _ in range(1 << 20):
+        if pos + 4 > size or handle.read(pos, 4) != _ZSTD_MAGIC:
+            return pos
+        window = handle.read(pos, min(1 << 12, size - pos))
+        decoder = zstandard.ZstdDecompressor().decompressobj()
+        try:
+            produced = decoder.decompress(window)
+        except zstandard.ZstdError as err:
+            raise CorruptCheckpointError(f"{where}: damaged transform frame at byte {pos} of {handle.path}") from err
+        if produced or not decoder.eof:
+            raise CorruptCheckpointError(
+                f"{where}: expected an empty transform frame at byte {pos} of {handle.path} (torch's SAFETENSORS "
+                "layout with a stream transform); the file is damaged or not in that layout"
+            )
+        pos += len(window) - len(decoder.unused_data)
+    raise CorruptCheckpointError(f"{where}: too many transform frames before the safetensors blob")
+
+
+def locate(
+    handle: ReadHandle, info: _StorageInfo, fqn: str, where: str, *, after_frames: bool = False
+) -> tuple[TensorRecord, int]:
+    """Find tensor ``fqn`` in the safetensors blob ``info`` points at; returns its record and absolute data start.
+
+    ``after_frames``: the item was written by torch with a stream transform, so empty frames precede the blob.
+    """
+    start = _skip_empty_frames(handle, info.offset, where) if after_frames else info.offset
+    header = _header_at(handle, start, where)
     entry = header.tensors.get(fqn)
     if entry is None:
         raise CorruptCheckpointError(
-            f"{where}: the safetensors blob at byte {info.offset} of {handle.path} has no tensor named {fqn!r}"
+            f"{where}: the safetensors blob at byte {start} of {handle.path} has no tensor named {fqn!r}"
         )
     if entry.nbytes != info.length:
         raise CorruptCheckpointError(
@@ -121,4 +159,4 @@ def locate(handle: ReadHandle, info: _StorageInfo, fqn: str, where: str) -> tupl
     for d in range(len(shape) - 2, -1, -1):
         strides[d] = strides[d + 1] * max(shape[d + 1], 1)
     rec = TensorRecord(entry.torch_dtype, tuple(shape), tuple(strides), 0, 0, entry.nbytes)
-    return rec, info.offset + header.data_start + entry.begin
+    return rec, start + header.data_start + entry.begin

@@ -380,9 +380,19 @@ def parse_tensor_item(read: Callable[[int, int], bytes], length: int, where: str
         off, size, _ = records[name]
         if off + _LOCAL.size > length:
             raise _corrupt(where, f"record {name!r} header lies past the item's end")
-        local = _LOCAL.unpack(read(off, _LOCAL.size))
+        nlen, elen = len(name.encode()), 0
+        header = read(off, min(_LOCAL.size + nlen + 1024, length - off))
+        local = _LOCAL.unpack_from(header)
         if local[0] != _SIG_LOCAL:
             raise _corrupt(where, f"record {name!r}: bad local header signature")
+        elen = local[10]
+        # the local header must repeat the directory's name, and its extra fields must tile their declared length:
+        # a damaged length here would shift where the data is read from
+        if local[9] != nlen or header[_LOCAL.size : _LOCAL.size + nlen] != name.encode():
+            raise _corrupt(where, f"record {name!r}: local header names another record")
+        extra = header[_LOCAL.size + nlen : _LOCAL.size + nlen + elen]
+        if len(extra) == elen and not _extra_tiles(extra):
+            raise _corrupt(where, f"record {name!r}: malformed extra field in its local header")
         start = off + _LOCAL.size + local[9] + local[10]
         if start + size > length:
             raise _corrupt(where, f"record {name!r} ([{start}, {start + size})) reaches past the item's end ({length})")
@@ -415,6 +425,12 @@ def parse_tensor_item(read: Callable[[int, int], bytes], length: int, where: str
         raise _corrupt(where, "tensor record has an invalid size, stride or offset")
     storage_bytes = obj.storage.count * (1 if obj.storage.dtype is None else dtype.itemsize)
     data_start, data_size = record_bytes_at(f"{prefix}/data/{obj.storage.key}")
+    if f"{prefix}/.storage_alignment" in records:
+        # torch (and dcpio) align storage records; a misaligned one means a damaged header shifted the data
+        al_start, al_size = record_bytes_at(f"{prefix}/.storage_alignment")
+        raw_align = read(al_start, al_size) if al_size <= 8 else b""
+        if raw_align.isdigit() and 0 < int(raw_align) <= 1 << 16 and data_start % int(raw_align):
+            raise _corrupt(where, f"storage record starts at byte {data_start}, not {int(raw_align)}-byte aligned")
     if data_size != storage_bytes:
         raise _corrupt(where, f"storage record has {data_size} bytes, the pickle says {storage_bytes}")
     numel = 1
@@ -424,7 +440,29 @@ def parse_tensor_item(read: Callable[[int, int], bytes], length: int, where: str
         reach = obj.storage_offset + sum((s - 1) * st for s, st in zip(obj.size, obj.stride)) + 1
         if reach * dtype.itemsize > data_size:
             raise _corrupt(where, f"tensor of size {list(obj.size)} reaches past its {data_size}-byte storage")
+    if numel > 1 and data_size == numel * dtype.itemsize and not _dense(obj.size, obj.stride):
+        # a storage exactly the tensor's size must be covered once: overlapping strides mean a damaged record
+        raise _corrupt(where, f"tensor of size {list(obj.size)} has overlapping strides {list(obj.stride)}")
     return TensorRecord(dtype, obj.size, obj.stride, obj.storage_offset, data_start, data_size)
+
+
+def _dense(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expected = 1
+    for st, s in sorted((st, s) for s, st in zip(size, stride) if s != 1):
+        if st != expected:
+            return False
+        expected *= s
+    return True
+
+
+def _extra_tiles(extra: bytes) -> bool:
+    p = 0
+    while p < len(extra):
+        if p + 4 > len(extra):
+            return False
+        _, size = struct.unpack_from("<HH", extra, p)
+        p += 4 + size
+    return p == len(extra)
 
 
 def _zip64_fields(extra: bytes, usize: int, csize: int, off: int, where: str) -> tuple[int, int, int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 
@@ -36,19 +37,43 @@ class BlockChecksums:
     base: int
     length: int
     digests: bytes
+    # for torch.save records: length and digest of the envelope before the tensor data (zip headers and the pickle
+    # that says dtype/shape/where the data starts), so a partial read can trust where it reads from
+    head_length: int = -1
+    head_digest: bytes = b""
 
-    def to_record(self) -> tuple[str, int, int, int, bytes]:
-        return (ALGORITHM, self.block_size, self.base, self.length, self.digests)
+    def to_record(self) -> tuple[Any, ...]:
+        record: tuple[Any, ...] = (ALGORITHM, self.block_size, self.base, self.length, self.digests)
+        if self.head_length >= 0:
+            record += (self.head_length, self.head_digest)
+        return record
+
+    def with_head(self, head: memoryview | bytes) -> BlockChecksums:
+        return BlockChecksums(
+            self.block_size, self.base, self.length, self.digests, len(head), xxhash.xxh3_64_digest(head)
+        )
+
+    def check_head(self, head: bytes, path: str, item: str) -> None:
+        """Verify the envelope head read from storage against the recorded digest."""
+        if self.head_length < 0:
+            return
+        if len(head) != self.head_length or xxhash.xxh3_64_digest(head) != self.head_digest:
+            raise CorruptCheckpointError(
+                f"{path}: checksum mismatch in the record header (bytes [{self.base}, {self.base + self.head_length}))"
+                f" of '{item}': the tensor's dtype, shape or data offset on storage is not what was saved. Restore "
+                "the file from a good copy or load an earlier checkpoint; `dcpio verify` lists every damaged tensor."
+            )
 
     @classmethod
     def from_record(cls, record: object, where: str) -> BlockChecksums:
         """Validate a record read from metadata (untrusted) and build the object."""
         ok = (
             isinstance(record, tuple)
-            and len(record) == 5
+            and len(record) in (5, 7)
             and record[0] == ALGORITHM
             and all(isinstance(v, int) and not isinstance(v, bool) for v in record[1:4])
             and isinstance(record[4], bytes)
+            and (len(record) == 5 or (isinstance(record[5], int) and isinstance(record[6], bytes)))
         )
         if not ok:
             raise CorruptCheckpointError(
@@ -63,6 +88,11 @@ class BlockChecksums:
                 f"{where}: the checksum record in .metadata is inconsistent (block_size={block_size}, "
                 f"length={length}, {len(digests)} digest bytes); the metadata is damaged."
             )
+        if len(rec) == 7:
+            head_length, head_digest = rec[5], rec[6]  # type: ignore[misc]
+            if head_length < 0 or head_length > length or len(head_digest) != _DIGEST:
+                raise CorruptCheckpointError(f"{where}: the checksum record's header digest is malformed")
+            return cls(block_size, base, length, digests, head_length, head_digest)
         return cls(block_size, base, length, digests)
 
     @property

@@ -67,6 +67,20 @@ def _get_layout(name: object) -> torch.layout:
     return value
 
 
+def _latin1_encode(text: object, encoding: object = "latin1") -> bytes:
+    # pickle protocols 0-2 spell a bytes object as _codecs.encode(<str>, "latin1"); nothing else is admitted
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or len(text) > (64 << 20):
+        raise UnsafeCheckpointError(f"_codecs.encode called with {type(text).__name__}, {encoding!r}; refused")
+    return text.encode("latin1")
+
+
+def _bytes(*args: object) -> bytes:
+    # protocols 0-2 spell b"" as bytes(); refuse the forms that allocate from an int or read an iterable
+    if args and not (len(args) == 1 and isinstance(args[0], bytes | bytearray)):
+        raise UnsafeCheckpointError("metadata calls bytes() with arguments; refused")
+    return bytes(*args)  # type: ignore[arg-type]
+
+
 def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
     # protocol 0/1 pickles build objects through copyreg._reconstructor(cls, object, None); admit only our classes
     if cls not in _SAFE_CLASSES or base is not object or state is not None:
@@ -85,6 +99,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return allowed
         if module == "torch" and _torch_attr_allowed(name):
             return getattr(torch, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if (module, name) in (("builtins", "bytes"), ("__builtin__", "bytes")):
+            return _bytes
         if (module, name) == ("torch.serialization", "_get_layout"):
             return _get_layout
         if (module, name) == ("copyreg", "_reconstructor"):
@@ -129,6 +147,14 @@ def _check_sizes(v: object) -> bool:
 
 def validate_metadata(md: object, where: str) -> _md.Metadata:
     """Check the type of every field dcpio and torch's planner use; raise :class:`CorruptCheckpointError`."""
+    try:
+        return _validate(md, where)
+    except (AttributeError, TypeError, ValueError) as err:
+        # a damaged field name leaves the dataclass without that attribute, a damaged value of the wrong type
+        raise _bad(where, f"{type(err).__name__}: {err}") from err
+
+
+def _validate(md: object, where: str) -> _md.Metadata:
     if not isinstance(md, _md.Metadata):
         raise _bad(where, f"top-level object is {type(md).__name__}, not Metadata")
     if not isinstance(md.state_dict_metadata, dict):
