@@ -87,8 +87,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8)
+    # a fresh tensor, not .contiguous(): a size-1 view with stride 2 counts as contiguous yet cannot be
+    # viewed as bytes
+    dense = torch.empty(tuple(t.shape), dtype=t.dtype)
+    dense.copy_(t.detach().cpu())
+    return dense.reshape(-1).view(torch.uint8)
 
 
 def bitwise_equal(a: object, b: object) -> bool:
