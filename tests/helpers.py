@@ -446,7 +446,24 @@ def spawn_ranks(
     Raises:
         AssertionError: a rank failed or the launch timed out; the message has every rank's traceback.
     """
-    log_dir = Path(tmp_path) / f"rank_logs_{time.monotonic_ns()}"
+    for attempt in range(3):
+        try:
+            return _launch_once(world_size, target, args, Path(tmp_path), timeout, env)
+        except _PortTaken:
+            # another process took the free port between free_port() and rank 0 binding it: pick another
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(AssertionError):
+    pass
+
+
+def _launch_once(
+    world_size: int, target: str, args: Sequence[Any], tmp_path: Path, timeout: float, env: Mapping[str, str] | None
+) -> list[str]:
+    log_dir = tmp_path / f"rank_logs_{time.monotonic_ns()}"
     log_dir.mkdir(parents=True)
     port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
@@ -502,5 +519,7 @@ def spawn_ranks(
             parts.append(
                 f"=== rank {rank}: exit {p.returncode} ===\n--- stdout ---\n{outs[rank]}\n--- stderr ---\n{errs[rank]}"
             )
+        if not timed_out and any("EADDRINUSE" in e or "ddress already in use" in e for e in errs):
+            raise _PortTaken("\n".join(parts))
         raise AssertionError("\n".join(parts))
     return outs
