@@ -119,6 +119,13 @@ class FileSystemReader(StorageReader):
             names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(root)]
         except (OSError, NotADirectoryError) as err:
             raise IncompleteCheckpointError(f"{root}: not a checkpoint directory ({err})") from err
+        per_rank = sorted(n for n in names if n.startswith("__") and n.endswith(METADATA_NAME))
+        if per_rank and metadata_path.endswith("/" + METADATA_NAME):
+            raise IncompleteCheckpointError(
+                f"{metadata_path} is missing, but {root} holds per-rank metadata ({', '.join(per_rank[:4])}): it was "
+                "saved with use_collectives=False. Load it the same way (dcp.load(..., use_collectives=False)) on "
+                "as many ranks as saved it."
+            )
         if any(n.endswith(".distcp") or n.endswith(".metadata.tmp") for n in names):
             raise IncompleteCheckpointError(
                 f"{metadata_path} is missing: the save into {root} never committed (it was interrupted before "
