@@ -33,7 +33,7 @@ import torch
 from dcpio.errors import CorruptCheckpointError, UnsafeCheckpointError
 from dcpio.knobs import max_record_header_bytes
 
-__all__ = ["ZIP_MAGIC", "TensorRecord", "encode_envelope", "parse_tensor_item"]
+__all__ = ["ZIP_MAGIC", "TensorRecord", "encode_envelope", "parse_tensor_item", "parse_verified_head"]
 
 ZIP_MAGIC = b"PK\x03\x04"
 _ALIGN = 64
@@ -405,8 +405,22 @@ def parse_tensor_item(read: Callable[[int, int], bytes], length: int, where: str
         bo_start, bo_size = record_bytes_at(f"{prefix}/byteorder")
         if bo_size <= 16 and read(bo_start, bo_size) not in (b"little",):
             raise _corrupt(where, "tensor was saved big-endian; dcpio reads little-endian records only")
+    alignment = None
+    if f"{prefix}/.storage_alignment" in records:
+        al_start, al_size = record_bytes_at(f"{prefix}/.storage_alignment")
+        raw_align = read(al_start, al_size) if al_size <= 8 else b""
+        alignment = int(raw_align) if raw_align.isdigit() else None
+    return _tensor_record(
+        read(pkl_start, pkl_size), lambda key: record_bytes_at(f"{prefix}/data/{key}"), alignment, where
+    )
+
+
+def _tensor_record(
+    pkl: bytes, storage_at: Callable[[str], tuple[int, int]], alignment: int | None, where: str
+) -> TensorRecord:
+    """Validate the pickle of a tensor record and where its storage record lies; build the :class:`TensorRecord`."""
     try:
-        obj = _RecordUnpickler(read(pkl_start, pkl_size), where).load()
+        obj = _RecordUnpickler(pkl, where).load()
     except (UnsafeCheckpointError, CorruptCheckpointError):
         raise
     except Exception as err:  # a damaged pickle may raise anything; all of it is corruption
@@ -424,13 +438,10 @@ def parse_tensor_item(read: Callable[[int, int], bytes], length: int, where: str
     ):
         raise _corrupt(where, "tensor record has an invalid size, stride or offset")
     storage_bytes = obj.storage.count * (1 if obj.storage.dtype is None else dtype.itemsize)
-    data_start, data_size = record_bytes_at(f"{prefix}/data/{obj.storage.key}")
-    if f"{prefix}/.storage_alignment" in records:
+    data_start, data_size = storage_at(obj.storage.key)
+    if alignment is not None and 0 < alignment <= 1 << 16 and data_start % alignment:
         # torch (and dcpio) align storage records; a misaligned one means a damaged header shifted the data
-        al_start, al_size = record_bytes_at(f"{prefix}/.storage_alignment")
-        raw_align = read(al_start, al_size) if al_size <= 8 else b""
-        if raw_align.isdigit() and 0 < int(raw_align) <= 1 << 16 and data_start % int(raw_align):
-            raise _corrupt(where, f"storage record starts at byte {data_start}, not {int(raw_align)}-byte aligned")
+        raise _corrupt(where, f"storage record starts at byte {data_start}, not {alignment}-byte aligned")
     if data_size != storage_bytes:
         raise _corrupt(where, f"storage record has {data_size} bytes, the pickle says {storage_bytes}")
     numel = 1
@@ -444,6 +455,43 @@ def parse_tensor_item(read: Callable[[int, int], bytes], length: int, where: str
         # a storage exactly the tensor's size must be covered once: overlapping strides mean a damaged record
         raise _corrupt(where, f"tensor of size {list(obj.size)} has overlapping strides {list(obj.stride)}")
     return TensorRecord(dtype, obj.size, obj.stride, obj.storage_offset, data_start, data_size)
+
+
+def parse_verified_head(head: bytes, item_length: int, where: str) -> TensorRecord:
+    """Parse the envelope head of a record dcpio wrote, already checked against its recorded digest.
+
+    dcpio's records carry their sizes in the local headers and end the head with the storage record's header, so
+    the head alone locates the data: one read instead of the directory walk :func:`parse_tensor_item` does.
+    """
+    records: dict[str, tuple[int, int]] = {}
+    p = 0
+    while True:
+        if p + _LOCAL.size > len(head):
+            raise _corrupt(where, "record header ends inside a local header")
+        sig, _, _, _, _, _, _, csize, usize, nlen, elen = _LOCAL.unpack_from(head, p)
+        if sig != _SIG_LOCAL:
+            raise _corrupt(where, "bad local header signature in the record header")
+        name = head[p + _LOCAL.size : p + _LOCAL.size + nlen].decode("utf-8", "replace")
+        extra = head[p + _LOCAL.size + nlen : p + _LOCAL.size + nlen + elen]
+        if usize == _U32 or csize == _U32:
+            usize, csize, _ = _zip64_fields(extra, usize, csize, 0, where)
+        start = p + _LOCAL.size + nlen + elen
+        records[name] = (start, usize)
+        if start >= len(head):
+            break
+        p = start + csize
+    prefix = next((n[: -len("/data.pkl")] for n in records if n.endswith("/data.pkl")), None)
+    if prefix is None:
+        raise _corrupt(where, "no data.pkl record in the record header")
+    pkl_start, pkl_size = records[f"{prefix}/data.pkl"]
+
+    def storage_at(key: str) -> tuple[int, int]:
+        found = records.get(f"{prefix}/data/{key}")
+        if found is None or found[0] != len(head) or found[0] + found[1] > item_length:
+            raise _corrupt(where, f"storage record {key!r} is not where the record header ends")
+        return found
+
+    return _tensor_record(head[pkl_start : pkl_start + pkl_size], storage_at, _ALIGN, where)
 
 
 def _dense(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:

@@ -61,6 +61,8 @@ class ReadHandle(ABC):
     """An open file read by byte ranges, safe to share between threads."""
 
     path: str
+    # True where each request costs far more than its bytes (object stores): callers then read large ranges at once
+    prefers_large_reads: bool = False
 
     @abstractmethod
     def size(self) -> int:

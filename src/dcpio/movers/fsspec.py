@@ -800,6 +800,8 @@ class _RangedReadHandle(ReadHandle):
     its size below a few hundred KiB, so a 64 KiB block is nearly free and bounds the extra bytes per record.
     """
 
+    prefers_large_reads = True
+
     def __init__(self, mover: FsspecFileSystem, path: str) -> None:
         self.path = path
         self._mover = mover
