@@ -16,8 +16,6 @@ save created is removed before the first error is raised (the others are attache
 from __future__ import annotations
 
 import collections
-import contextlib
-import gc
 import io
 import itertools
 import math
@@ -40,6 +38,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 
 from dcpio import knobs
+from dcpio._runtime import gc_paused
 from dcpio.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError, PlanMismatchError
 from dcpio.formats.torch_save import (
     ZIP_MAGIC,
@@ -55,6 +54,7 @@ from dcpio.transforms import apply_decode, encode
 
 __all__ = ["FileJob", "ReadOptions", "WriteOptions", "read_plan", "write_files"]
 
+_VERIFY_CHUNK = 4 << 20  # bytes read per system call when verifying: a few checksum blocks, still cache-resident
 _SMALL_ITEM = 256 << 10  # items up to this size are read with one call and parsed in memory
 _STRIDED_MIN_WASTE = 1.25  # read a strided box run by run when one bounding read would fetch this much more
 _MIN_RUN_BYTES = 4096  # shorter runs cost more in system calls than the extra bytes of one bounding read
@@ -192,22 +192,6 @@ def _write_one_file(fs: FileSystemBase, job: FileJob, planner: SavePlanner, opts
     return results
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector for the duration of an I/O plan.
-
-    A plan allocates many short-lived small objects (memoryviews, futures, slices); the collector's scans of the
-    whole heap then cost a measurable share of a load from the page cache, and nothing here creates cycles.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def write_files(
     fs: FileSystemBase, jobs: Sequence[FileJob], planner: SavePlanner, opts: WriteOptions
 ) -> list[WriteResult]:
@@ -217,7 +201,7 @@ def write_files(
     if not jobs:
         return results
     with (
-        _gc_paused(),
+        gc_paused(),
         ThreadPoolExecutor(max_workers=max(1, min(opts.threads, len(jobs))), thread_name_prefix="dcpio-w") as pool,
     ):
         futures = [pool.submit(_write_one_file, fs, job, planner, opts) for job in jobs]
@@ -302,9 +286,10 @@ def _read_verified(
         return dest
     # local files: read one checksum block at a time and hash it while it is still in the CPU cache; a hash pass
     # over the whole tensor after reading it would stream it from DRAM a second time
-    bs = sums.block_size
-    for b0 in range(lo, hi, bs):
-        b1 = min(b0 + bs, hi)
+    # a few blocks per system call: each call hands the GIL back and forth, and the bytes still fit the cache
+    step = max(sums.block_size, (_VERIFY_CHUNK // sums.block_size) * sums.block_size)
+    for b0 in range(lo, hi, step):
+        b1 = min(b0 + step, hi)
         parts = [
             (max(b0, off), view[max(b0, off) - off : min(b1, off + len(view)) - off])
             for off, view in pieces
@@ -367,6 +352,13 @@ def _load_tensor_group(
         for req in group.requests:
             _read_request(handle, rec, data_base, req, targets[id(req)], None, opts.verify, where)
         return
+    if (
+        sums is not None
+        and sums.head_length > 0
+        and sums.base == base
+        and _read_whole_record(handle, info, sums, group, targets, opts, where)
+    ):
+        return
     if info.length <= _SMALL_ITEM:
         # one read for the whole record instead of header, directory and data reads: small items are syscall-bound
         stored = memoryview(bytearray(info.length))
@@ -408,6 +400,50 @@ def _load_tensor_group(
         _read_request(handle, rec, data_base, req, targets[id(req)], sums, opts.verify, where)
 
 
+def _read_whole_record(
+    handle: ReadHandle,
+    info: _StorageInfo,
+    sums: BlockChecksums,
+    group: _Group,
+    targets: dict[int, torch.Tensor],
+    opts: ReadOptions,
+    where: str,
+) -> bool:
+    """A whole dcpio record wanted whole, by a contiguous destination of its dtype: one vectored read.
+
+    The record's head, its data (straight into the destination) and its tail come in with one ``preadv``; then the
+    blocks, the head digest and the parsed header are checked. Returns False (nothing read) when the request does
+    not fit this path.
+    """
+    if len(group.requests) != 1 or info.length > _SMALL_ITEM or handle.prefers_large_reads:
+        return False
+    req = group.requests[0]
+    expected = opts.expected(req.storage_index)
+    target = targets[id(req)]
+    if expected is None or target.dtype != expected[0] or not is_dense_cpu(target):
+        return False
+    if any(req.storage_offsets) or tuple(req.lengths) != tuple(expected[1]) or tuple(target.shape) != expected[1]:
+        return False
+    data = byte_view(target)
+    head = memoryview(bytearray(sums.head_length))
+    tail_len = info.length - sums.head_length - len(data)
+    if tail_len < 0:
+        return False
+    tail = memoryview(bytearray(tail_len))
+    base = info.offset
+    handle.readinto_many(base, [head, data, tail])
+    if opts.verify:
+        verify_pieces(
+            sums, [(base, head), (base + len(head), data), (base + len(head) + len(data), tail)], handle.path, where
+        )
+        sums.check_head(bytes(head), handle.path, where)
+    rec = parse_verified_head(bytes(head), info.length, where)
+    _check_expected(rec, req.storage_index, opts, where)
+    if rec.data_length != len(data) or rec.storage_offset or not rec.is_c_contiguous:
+        raise CorruptCheckpointError(f"{where}: the record's layout does not match its metadata")
+    return True
+
+
 def _check_expected(rec: TensorRecord, index: MetadataIndex, opts: ReadOptions, where: str) -> None:
     """The record must hold the dtype and chunk shape the metadata promises (catches damaged record headers)."""
     expected = opts.expected(index)
@@ -434,6 +470,17 @@ def _copy_from_record_bytes(
         whole = torch.empty(0, dtype=torch.uint8)
     for req in group.requests:
         _copy_from_storage(whole, rec, req, targets[id(req)], where)
+
+
+def _load_small_groups(
+    fs: FileSystemBase,
+    batch: list[tuple[str, _Group]],
+    targets: dict[int, torch.Tensor],
+    opts: ReadOptions,
+    handles: Callable[[str], ReadHandle],
+) -> None:
+    for path, group in batch:
+        _load_tensor_group(fs, path, group, targets, opts, handles)
 
 
 def _check_box(rec: TensorRecord, req: ReadItem, target: torch.Tensor, where: str) -> None:
@@ -625,16 +672,23 @@ def read_plan(
     errors: list[BaseException] = []
     bytes_results: list[tuple[_Group, Future[bytes]]] = []
     try:
-        with _gc_paused(), ThreadPoolExecutor(max_workers=max(1, opts.threads), thread_name_prefix="dcpio-r") as pool:
+        with gc_paused(), ThreadPoolExecutor(max_workers=max(1, opts.threads), thread_name_prefix="dcpio-r") as pool:
             futures: list[Future[Any]] = []
+            small: list[tuple[str, _Group]] = []
             for group in ordered:
                 path = str(fs.concat_path(opts.root, group.info.relative_path))
                 if group.requests[0].type == LoadItemType.BYTE_IO:
                     fut_b = pool.submit(_load_bytes_group, path, group, opts, handles)
                     bytes_results.append((group, fut_b))
                     futures.append(fut_b)
+                elif group.info.length <= _SMALL_ITEM:
+                    small.append((path, group))
                 else:
                     futures.append(pool.submit(_load_tensor_group, fs, path, group, targets, opts, handles))
+            # small items in batches: one task each would cost more in scheduling than in reading
+            per_task = max(1, -(-len(small) // (4 * max(1, opts.threads))))
+            for i in range(0, len(small), per_task):
+                futures.append(pool.submit(_load_small_groups, fs, small[i : i + per_task], targets, opts, handles))
             for fut in futures:
                 try:
                     fut.result()

@@ -180,10 +180,15 @@ def verify_pieces(
         if lo >= last or lo >= checksums.end:
             break
         if lo >= first and hi <= last:
-            state = xxhash.xxh3_64()
-            for part in _iter_block_slices(pieces, lo, hi):
-                state.update(part)
-            if state.digest() != checksums.digest(block):
+            parts = list(_iter_block_slices(pieces, lo, hi))
+            if len(parts) == 1:
+                digest = xxhash.xxh3_64_digest(parts[0])
+            else:
+                state = xxhash.xxh3_64()
+                for part in parts:
+                    state.update(part)
+                digest = state.digest()
+            if digest != checksums.digest(block):
                 raise CorruptCheckpointError(
                     f"{path}: checksum mismatch in bytes [{lo}, {hi}) of '{item}': the data on storage is not "
                     "what was saved (disk or transfer corruption). Restore the file from a good copy or load an "

@@ -20,6 +20,7 @@ import torch
 from torch.distributed.checkpoint import metadata as _md
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
+from dcpio._runtime import gc_paused
 from dcpio.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 __all__ = ["ALLOWED_GLOBALS", "load_metadata", "restricted_loads"]
@@ -120,7 +121,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def restricted_loads(data: bytes, where: str) -> Any:
     """Unpickle ``data`` admitting only :data:`ALLOWED_GLOBALS`; ``where`` names the file in errors."""
     try:
-        return _RestrictedUnpickler(data, where).load()
+        with gc_paused():
+            return _RestrictedUnpickler(data, where).load()
     except UnsafeCheckpointError:
         raise
     except Exception as err:  # any parse failure of untrusted bytes is corruption, whatever pickle raised
