@@ -19,6 +19,7 @@ import collections
 import io
 import itertools
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -302,6 +303,20 @@ def _read_verified(
     return dest
 
 
+_local = threading.local()
+
+
+def _scratch(nbytes: int) -> memoryview:
+    """A per-thread reusable buffer of at least ``nbytes``: fresh memory costs a page fault per 4 KiB on first use,
+    which for a resharding load (a scratch copy of every stored chunk) cost as much as the reads themselves.
+    The view is valid until the same thread asks again."""
+    buf: torch.Tensor | None = getattr(_local, "scratch", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(max(nbytes, 2 * (0 if buf is None else buf.numel())), dtype=torch.uint8)
+        _local.scratch = buf
+    return byte_view(buf)[:nbytes]
+
+
 def _c_strides(size: Sequence[int]) -> list[int]:
     strides = [1] * len(size)
     for d in range(len(size) - 2, -1, -1):
@@ -531,7 +546,9 @@ def _read_request(
     item = rec.dtype.itemsize
     if not rec.is_c_contiguous:
         # written by torch with its original strides: read the whole storage, view it as saved
-        buf = _read_verified(handle, data_base, data_base + rec.data_length, None, sums, verify, where)
+        buf = _read_verified(
+            handle, data_base, data_base + rec.data_length, _scratch(rec.data_length), sums, verify, where
+        )
         _copy_from_storage(torch.frombuffer(buf, dtype=torch.uint8), rec, req, target, where)
         return
     strides = _c_strides(rec.size)
@@ -553,7 +570,7 @@ def _read_request(
         # a column slice: without block checksums to honour, read each contiguous run and nothing between them
         if _read_runs(handle, rec, data_base, req, target, strides, where):
             return
-    buf = _read_verified(handle, start, stop, None, sums, verify, where)
+    buf = _read_verified(handle, start, stop, _scratch(stop - start), sums, verify, where)
     span = torch.frombuffer(buf, dtype=torch.uint8).view(rec.dtype)
     view = span.as_strided(tuple(req.lengths), tuple(strides), 0)
     target.copy_(view)
@@ -624,8 +641,6 @@ class _HandleCache:
     """One open read handle per file, shared by the threads (positional reads need no per-thread state)."""
 
     def __init__(self, fs: FileSystemBase) -> None:
-        import threading
-
         self._fs = fs
         self._lock = threading.Lock()
         self._open: dict[str, ReadHandle] = {}
