@@ -60,6 +60,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from dcpio import knobs
+from dcpio._runtime import gc_paused
 from dcpio.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -680,7 +681,7 @@ class HuggingFaceStorageReader(StorageReader):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        thread_count: int = 1,
+        thread_count: int | None = None,
         key_mapping: Mapping[str, str] | None = None,
         *,
         _fs: FileSystemBase | None = None,
@@ -689,7 +690,8 @@ class HuggingFaceStorageReader(StorageReader):
 
         Args:
             path: the folder.
-            thread_count: threads reading byte ranges (and parsing headers) in parallel.
+            thread_count: threads reading byte ranges (and parsing headers) in parallel; None (the default) picks
+                :func:`dcpio.knobs.default_io_threads` (torch's class defaults to 1).
             key_mapping: regex -> replacement renames applied to stored names (first matching pattern wins, as in
                 ``transformers``), so ``{"^model\\.": ""}`` loads a ``model.``-prefixed file into a bare state dict.
             _fs: the byte mover (default: local disk).
@@ -697,7 +699,7 @@ class HuggingFaceStorageReader(StorageReader):
         super().__init__()
         self.fs: FileSystemBase = _fs if _fs is not None else FileSystem()
         self.path = str(path)
-        self.thread_count = max(1, int(thread_count))
+        self.thread_count = knobs.default_io_threads() if thread_count is None else max(1, int(thread_count))
         self.key_mapping = [(re.compile(p), r) for p, r in (key_mapping or {}).items()]
         self.load_id = str(uuid.uuid4())
         self.storage_data: dict[MetadataIndex, _HFStorageInfo] = {}
@@ -837,7 +839,8 @@ class HuggingFaceStorageReader(StorageReader):
             for name in sorted({info.relative_path for _, info in jobs}):
                 handles[name] = self.fs.open_reader(_join(self.fs, self.path, name))
             threads = self.thread_count if self.fs.supports_parallel_reads else 1
-            _parallel(lambda j: self._read_item(handles[j[1].relative_path], j[0], j[1], planner), jobs, threads)
+            with gc_paused():
+                _parallel(lambda j: self._read_item(handles[j[1].relative_path], j[0], j[1], planner), jobs, threads)
         finally:
             for h in handles.values():
                 h.close()
