@@ -14,6 +14,7 @@ __all__ = [
     "max_bytes_in_flight",
     "max_metadata_bytes",
     "max_record_header_bytes",
+    "min_bytes_per_file",
     "retry_attempts",
     "retry_max_seconds",
     "s3_part_size",
@@ -41,6 +42,12 @@ def default_io_threads() -> int:
     """
     cores = os.cpu_count() or 2
     return _int_env("DCPIO_IO_THREADS", max(2, min(8, cores)))
+
+
+def min_bytes_per_file() -> int:
+    """With ``thread_count`` unset, a rank writes one more data file per this many bytes, up to the thread count
+    (``DCPIO_MIN_BYTES_PER_FILE``): each file costs a create and an fsync, which small saves cannot amortise."""
+    return _int_env("DCPIO_MIN_BYTES_PER_FILE", 128 << 20)
 
 
 def checksum_block_size() -> int:
