@@ -26,7 +26,7 @@ import re
 import uuid
 import warnings
 from collections.abc import Sequence
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from torch.distributed.checkpoint.filesystem import _StoragePrefix
@@ -52,7 +52,7 @@ _DCP_VERSION = "1.0.0"  # the metadata version torch's FileSystemWriter records 
 _DATA_FILE = re.compile(r"^__(\d+)_\d+(\.[0-9a-f]{8})?\.distcp$")
 
 
-class SerializationFormat(str, Enum):
+class SerializationFormat(StrEnum):
     """How tensors are laid out inside data files (torch's enum values)."""
 
     TORCH_SAVE = "torch_save"
