@@ -60,7 +60,7 @@ class BlockChecksums:
         if len(head) != self.head_length or xxhash.xxh3_64_digest(head) != self.head_digest:
             raise CorruptCheckpointError(
                 f"{path}: checksum mismatch in the record header (bytes [{self.base}, {self.base + self.head_length}))"
-                f" of '{item}': the tensor's dtype, shape or data offset on storage is not what was saved. Restore "
+                f" ({item}): the tensor's dtype, shape or data offset on storage is not what was saved. Restore "
                 "the file from a good copy or load an earlier checkpoint; `dcpio verify` lists every damaged tensor."
             )
 
@@ -190,7 +190,7 @@ def verify_pieces(
                 digest = state.digest()
             if digest != checksums.digest(block):
                 raise CorruptCheckpointError(
-                    f"{path}: checksum mismatch in bytes [{lo}, {hi}) of '{item}': the data on storage is not "
+                    f"{path}: checksum mismatch in bytes [{lo}, {hi}) ({item}): the data on storage is not "
                     "what was saved (disk or transfer corruption). Restore the file from a good copy or load an "
                     "earlier checkpoint; `dcpio verify` lists every damaged tensor."
                 )
