@@ -570,10 +570,77 @@ def _read_request(
         # a column slice: without block checksums to honour, read each contiguous run and nothing between them
         if _read_runs(handle, rec, data_base, req, target, strides, where):
             return
+    if (
+        not contiguous_box
+        and verify
+        and sums is not None
+        and not handle.prefers_large_reads
+        and len(req.lengths) >= 2
+        and (stop - start) > 2 * _VERIFY_CHUNK
+        and _stream_rows(handle, start, stop, rec.dtype, req, strides, target, sums, where)
+    ):
+        return
     buf = _read_verified(handle, start, stop, _scratch(stop - start), sums, verify, where)
     span = torch.frombuffer(buf, dtype=torch.uint8).view(rec.dtype)
     view = span.as_strided(tuple(req.lengths), tuple(strides), 0)
     target.copy_(view)
+
+
+def _stream_rows(
+    handle: ReadHandle,
+    start: int,
+    stop: int,
+    dtype: torch.dtype,
+    req: ReadItem,
+    strides: list[int],
+    target: torch.Tensor,
+    sums: BlockChecksums,
+    where: str,
+) -> bool:
+    """A verified strided box (a column slice), streamed: read a few checksum blocks, verify them, copy the rows they
+    complete into the destination while the bytes are still in cache, keep the partial row for the next read.
+
+    Reads each block once (as the one bounding read would) but never writes the whole bounding range to memory and
+    reads it back for the copy. Returns False when the layout does not allow it (then the caller reads the range).
+    """
+    item = dtype.itemsize
+    lo, hi = sums.widen(start, stop)
+    row_step = strides[0] * item
+    rows = req.lengths[0]
+    row_span = (sum((n - 1) * st for n, st in zip(req.lengths[1:], strides[1:])) + 1) * item
+    step = max(sums.block_size, (_VERIFY_CHUNK // sums.block_size) * sums.block_size)
+    if rows < 2 or (start - lo) % item or row_step % item or lo < start - step:
+        return False
+    capacity = step + row_span + item
+    scratch = torch.empty(capacity + (-capacity) % item, dtype=torch.uint8)
+    raw = byte_view(scratch)
+    typed = scratch.view(dtype)
+    buf_start, filled, next_row, pos = lo, 0, 0, lo
+    inner = tuple(req.lengths[1:])
+    while pos < hi:
+        end = min(pos + step, hi)
+        piece = raw[filled : filled + (end - pos)]
+        handle.readinto(pos, piece)
+        verify_pieces(sums, [(pos, piece)], handle.path, where)
+        filled += end - pos
+        pos = end
+        buf_end = buf_start + filled
+        done = 0 if buf_end < start + row_span else min(rows, (buf_end - start - row_span) // row_step + 1)
+        if done > next_row:
+            offset = start + next_row * row_step - buf_start
+            view = typed.as_strided((done - next_row, *inner), tuple(strides), offset // item)
+            target.narrow(0, next_row, done - next_row).copy_(view)
+            next_row = done
+        keep_from = min(start + next_row * row_step, buf_end) if next_row < rows else buf_end
+        shift = keep_from - buf_start
+        if shift > 0:
+            kept = filled - shift
+            if kept:
+                scratch[:kept] = scratch[shift:filled].clone()
+            buf_start, filled = keep_from, kept
+    if next_row != rows:
+        raise CorruptCheckpointError(f"{where}: streamed {next_row} of {rows} rows (a bug in dcpio; please report it)")
+    return True
 
 
 def _read_runs(
