@@ -44,6 +44,7 @@ from dcpio.errors import CheckpointError, CheckpointWriteError, CorruptCheckpoin
 from dcpio.formats.torch_save import (
     ZIP_MAGIC,
     TensorRecord,
+    c_strides,
     encode_envelope,
     parse_tensor_item,
     parse_verified_head,
@@ -317,13 +318,6 @@ def _scratch(nbytes: int) -> memoryview:
     return byte_view(buf)[:nbytes]
 
 
-def _c_strides(size: Sequence[int]) -> list[int]:
-    strides = [1] * len(size)
-    for d in range(len(size) - 2, -1, -1):
-        strides[d] = strides[d + 1] * max(size[d + 1], 1)
-    return strides
-
-
 def _load_tensor_group(
     fs: FileSystemBase,
     path: str,
@@ -551,7 +545,7 @@ def _read_request(
         )
         _copy_from_storage(torch.frombuffer(buf, dtype=torch.uint8), rec, req, target, where)
         return
-    strides = _c_strides(rec.size)
+    strides = list(c_strides(rec.size))
     first = rec.storage_offset + sum(o * s for o, s in zip(req.storage_offsets, strides))
     last = rec.storage_offset + sum((o + n - 1) * s for o, n, s in zip(req.storage_offsets, req.lengths, strides))
     start, stop = data_base + first * item, data_base + (last + 1) * item

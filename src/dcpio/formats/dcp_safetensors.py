@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 from dcpio.errors import CheckpointWriteError, CorruptCheckpointError
 from dcpio.formats.safetensors import SafetensorsHeader, _st_shape_of, encode_header, layout, parse_header, st_dtype_of
-from dcpio.formats.torch_save import TensorRecord
+from dcpio.formats.torch_save import TensorRecord, c_strides
 from dcpio.integrity.checksum import ATTRIBUTE, BlockHasher
 from dcpio.knobs import max_record_header_bytes
 from dcpio.movers.base import ReadHandle, WriteHandle
@@ -154,9 +154,6 @@ def locate(
             f"{where}: metadata says {info.length} bytes, the blob's header says {entry.nbytes}; the file and the "
             "metadata disagree"
         )
-    shape = entry.torch_shape
-    strides = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * max(shape[d + 1], 1)
-    rec = TensorRecord(entry.torch_dtype, tuple(shape), tuple(strides), 0, 0, entry.nbytes)
+    shape = tuple(entry.torch_shape)
+    rec = TensorRecord(entry.torch_dtype, shape, c_strides(shape), 0, 0, entry.nbytes)
     return rec, start + header.data_start + entry.begin

@@ -24,7 +24,7 @@ import pickle
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch
 from dcpio.errors import CorruptCheckpointError, UnsafeCheckpointError
 from dcpio.knobs import max_record_header_bytes
 
-__all__ = ["ZIP_MAGIC", "TensorRecord", "encode_envelope", "parse_tensor_item", "parse_verified_head"]
+__all__ = ["ZIP_MAGIC", "TensorRecord", "c_strides", "encode_envelope", "parse_tensor_item", "parse_verified_head"]
 
 ZIP_MAGIC = b"PK\x03\x04"
 _ALIGN = 64
@@ -82,16 +82,19 @@ def _global(module: str, name: str) -> bytes:
     return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
 
 
+def c_strides(size: Sequence[int]) -> tuple[int, ...]:
+    """Element strides of a C-contiguous tensor of ``size`` (what ``torch.empty(size).stride()`` gives)."""
+    strides = [1] * len(size)
+    for d in range(len(size) - 2, -1, -1):
+        strides[d] = strides[d + 1] * max(size[d + 1], 1)
+    return tuple(strides)
+
+
 def _tensor_pickle(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
     numel = 1
     for s in shape:
         numel *= s
-    stride = []
-    acc = 1
-    for s in reversed(shape):
-        stride.append(acc)
-        acc *= max(s, 1)
-    stride_t = tuple(reversed(stride))
+    stride_t = c_strides(shape)
     legacy = _LEGACY_STORAGE.get(dtype)
     if legacy is not None:
         storage_type, count, rebuild = _global("torch", legacy), numel, "_rebuild_tensor_v2"
