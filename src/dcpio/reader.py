@@ -36,7 +36,7 @@ from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
 from dcpio.transforms import ExtensionRegistry
-from dcpio.writer import METADATA_NAME
+from dcpio.writer import METADATA_NAME, metadata_path
 
 __all__ = ["FileSystemReader"]
 
@@ -93,8 +93,7 @@ class FileSystemReader(StorageReader):
         self.load_id = str(uuid.uuid4())
 
     def _metadata_path(self, rank: int | None) -> str:
-        name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
-        return str(self.fs.concat_path(self.path, name))
+        return metadata_path(self.fs, self.path, rank)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Parse ``.metadata`` (or ``__{rank}.metadata``) without running code from it."""

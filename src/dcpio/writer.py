@@ -52,6 +52,12 @@ _DCP_VERSION = "1.0.0"  # the metadata version torch's FileSystemWriter records 
 _DATA_FILE = re.compile(r"^__(\d+)_\d+(\.[0-9a-f]{8})?\.distcp$")
 
 
+def metadata_path(fs: FileSystemBase, root: Any, rank: int | None) -> str:
+    """The global ``.metadata`` (``rank=None``) or a rank's own ``__{rank}.metadata`` in checkpoint ``root``."""
+    name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
+    return str(fs.concat_path(root, name))
+
+
 class SerializationFormat(StrEnum):
     """How tensors are laid out inside data files (torch's enum values)."""
 
@@ -135,8 +141,7 @@ class _DcpioWriter(StorageWriter):
         self.use_collectives = kwargs.get("use_collectives", True)
 
     def _metadata_path(self, rank: int | None = None) -> str:
-        name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
-        return str(self.fs.concat_path(self.path, name))
+        return metadata_path(self.fs, self.path, rank)
 
     def _committed(self) -> bool:
         return self.fs.exists(self._metadata_path(None if self.use_collectives else 0)) or self.fs.exists(
