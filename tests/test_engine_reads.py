@@ -13,6 +13,8 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 import dcpio
+from dcpio.movers.local import mapped_bytes_read
+from dcpio.tools.verify import verify_checkpoint
 
 
 class _Into:
@@ -67,16 +69,89 @@ def test_verified_strided_box_is_exact(
     assert torch.equal(_read_box(tmp_path, offsets, lengths, dtype), expected)
 
 
-def test_flip_in_the_unneeded_half_of_a_block_is_still_caught(tmp_path: Path) -> None:
-    full = torch.randn(5760, 1440, generator=torch.Generator().manual_seed(7))
-    dcp.save({"w": full}, storage_writer=dcpio.FileSystemWriter(tmp_path, thread_count=1))
+def _proc_rchar() -> int:
+    with open("/proc/self/io", encoding="ascii") as stream:
+        return next(int(line.split()[1]) for line in stream if line.startswith("rchar:"))
+
+
+def _flip(tmp_path: Path, row: int, col: int) -> None:
     data_file = next(p for p in tmp_path.iterdir() if p.name.endswith(".distcp"))
-    reader = dcpio.FileSystemReader(tmp_path)
-    info = next(iter(reader.read_metadata().storage_data.values()))
+    info = next(iter(dcpio.FileSystemReader(tmp_path).read_metadata().storage_data.values()))
     head = info.dcpio_checksum[5]
     raw = bytearray(data_file.read_bytes())
-    raw[info.offset + head + (3000 * 1440 + 10) * 4] ^= 0x01  # row 3000, column 10: outside columns [720, 1440)
+    raw[info.offset + head + (row * 1440 + col) * 4] ^= 0x01
     data_file.write_bytes(bytes(raw))
     assert os.path.getsize(data_file) == len(raw)
+
+
+def _save_matrix(tmp_path: Path) -> torch.Tensor:
+    full = torch.randn(5760, 1440, generator=torch.Generator().manual_seed(7))
+    dcp.save({"w": full}, storage_writer=dcpio.FileSystemWriter(tmp_path, thread_count=1))
+    return full
+
+
+def test_column_half_reads_and_hashes_only_its_own_bytes(tmp_path: Path) -> None:
+    full = _save_matrix(tmp_path)
+    needed = 5760 * 720 * 4
+    before = _proc_rchar() + mapped_bytes_read()
+    got = _read_box(tmp_path, (0, 720), (5760, 720), torch.float32)
+    touched = _proc_rchar() + mapped_bytes_read() - before
+    assert torch.equal(got, full[:, 720:])
+    assert needed <= touched <= 1.1 * needed, touched / needed
+
+
+def test_without_tiles_a_verified_column_half_hashes_whole_rows(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("DCPIO_TILE_CHECKSUMS", "0")
+    full = _save_matrix(tmp_path)
+    before = _proc_rchar() + mapped_bytes_read()
+    got = _read_box(tmp_path, (0, 720), (5760, 720), torch.float32)
+    touched = _proc_rchar() + mapped_bytes_read() - before
+    assert torch.equal(got, full[:, 720:])
+    assert touched >= 1.9 * 5760 * 720 * 4  # row-major blocks hold both halves: all of them are hashed
+
+
+def test_flip_in_the_requested_columns_is_caught_by_its_tile(tmp_path: Path) -> None:
+    _save_matrix(tmp_path)
+    _flip(tmp_path, 3000, 1000)  # inside columns [720, 1440)
+    with pytest.raises(dcpio.CorruptCheckpointError, match=r"checksum mismatch in rows \[\d+, \d+\), bytes"):
+        _read_box(tmp_path, (0, 720), (5760, 720), torch.float32)
+
+
+def test_flip_outside_the_requested_columns_is_not_read_but_verify_finds_it(tmp_path: Path) -> None:
+    full = _save_matrix(tmp_path)
+    _flip(tmp_path, 3000, 10)  # outside columns [720, 1440): the column-half load never touches it
+    assert torch.equal(_read_box(tmp_path, (0, 720), (5760, 720), torch.float32), full[:, 720:])
+    with pytest.raises(dcpio.CorruptCheckpointError, match="checksum mismatch"):
+        _read_box(tmp_path, (0, 0), (5760, 1440), torch.float32)
+    report = verify_checkpoint(str(tmp_path))
+    assert not report.ok
+
+
+def test_without_tiles_a_flip_in_the_unneeded_half_of_a_block_is_caught(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("DCPIO_TILE_CHECKSUMS", "0")
+    _save_matrix(tmp_path)
+    _flip(tmp_path, 3000, 10)
     with pytest.raises(dcpio.CorruptCheckpointError, match=r"checksum mismatch in bytes \[\d+, \d+\)"):
         _read_box(tmp_path, (0, 720), (5760, 720), torch.float32)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_strided_boxes_with_and_without_verification(tmp_path: Path, verify: bool) -> None:
+    full = torch.arange(64 * 96 * 5, dtype=torch.float32).view(64, 96, 5)
+    dcp.save({"w": full}, storage_writer=dcpio.FileSystemWriter(tmp_path))
+    for offsets, lengths in [((0, 48, 0), (64, 48, 5)), ((7, 13, 1), (50, 70, 3)), ((0, 0, 2), (64, 96, 1))]:
+        reader = dcpio.FileSystemReader(tmp_path, verify_checksums=verify)
+        reader.set_up_storage_reader(reader.read_metadata(), True)
+        dest = torch.zeros(lengths)
+        zeros = torch.Size([0, 0, 0])
+        req = ReadItem(
+            type=LoadItemType.TENSOR,
+            dest_index=MetadataIndex("w"),
+            dest_offsets=zeros,
+            storage_index=MetadataIndex("w", zeros),
+            storage_offsets=torch.Size(offsets),
+            lengths=torch.Size(lengths),
+        )
+        reader.read_data(LoadPlan([req]), _Into(dest)).wait()  # type: ignore[arg-type]
+        want = full[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
+        assert torch.equal(dest, want), (offsets, lengths)

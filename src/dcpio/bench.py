@@ -667,7 +667,8 @@ def _case_reshard(cfg: BenchConfig, root: str) -> list[CaseResult]:
             case.notes.append("dcpio side not measured: dcpio.FileSystemWriter/Reader not in this checkout")
         case.notes.append(
             "bytes read = /proc/self/io rchar delta around dcp.load in each rank (includes .metadata and "
-            "gloo socket reads; mmap reads would not count); needed = the rank's target bytes"
+            "gloo socket reads) plus the bytes dcpio copied or hashed out of memory-mapped data files (which rchar "
+            "cannot see; dcpio.movers.local.mapped_bytes_read); needed = the rank's target bytes"
         )
         paths = {s: os.path.join(root, f"reshard{save_world}-{s}") for s in systems}
         load_systems = list(systems)
@@ -702,6 +703,9 @@ def _case_reshard(cfg: BenchConfig, root: str) -> list[CaseResult]:
             case.info[f"{system}_verified_bit_exact"] = all(rank["verified"][system] for rank in loaded)
             case.info[f"{system}_bytes_read_per_rank"] = [
                 statistics.median(x[system]["rchar"] for x in rank["rounds"]) for rank in loaded
+            ]
+            case.info[f"{system}_mapped_bytes_per_rank"] = [
+                statistics.median(x[system].get("mapped", 0) for x in rank["rounds"]) for rank in loaded
             ]
             case.info[f"{system}_disk_read_bytes_per_rank"] = [
                 statistics.median(x[system]["read_bytes"] for x in rank["rounds"]) for rank in loaded

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import io
-import itertools
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -50,18 +49,19 @@ from dcpio.formats.torch_save import (
     parse_verified_head,
 )
 from dcpio.integrity.checksum import ATTRIBUTE, BlockChecksums, BlockHasher, verify_pieces
+from dcpio.integrity.tiles import TILE_ATTRIBUTE, TileChecksums, choose_tiling, hash_tiles
 from dcpio.movers.base import FileSystemBase, ReadHandle
+from dcpio.movers.local import count_mapped
 from dcpio.tensor_bytes import byte_view, is_dense_cpu
 from dcpio.transforms import apply_decode, encode
 
 __all__ = ["FileJob", "ReadOptions", "WriteOptions", "read_plan", "write_files"]
 
+# every record starts on a 64-byte boundary of its file (torch.save aligns tensor data to 64 bytes within the
+# record), so tensor data is aligned in the file too and a memory map can be viewed as the tensor's dtype
+_RECORD_ALIGN = 64
 _VERIFY_CHUNK = 4 << 20  # bytes read per system call when verifying: a few checksum blocks, still cache-resident
 _SMALL_ITEM = 256 << 10  # items up to this size are read with one call and parsed in memory
-_STRIDED_MIN_WASTE = 1.25  # read a strided box run by run when one bounding read would fetch this much more
-# shorter runs cost more in system calls than the extra bytes of one bounding read; 1 KiB keeps a column half of a
-# 1440-wide fp32 matrix (2.9 KB runs) on the exact-bytes path, which is what a real disk or network pays for
-_MIN_RUN_BYTES = 1024
 
 
 # ======================================================================================================== save
@@ -81,6 +81,7 @@ class WriteOptions:
     extensions: Sequence[Any] = ()
     serialization_format: str = "torch_save"
     checksum_block: int = field(default_factory=knobs.checksum_block_size)
+    tiles: bool = field(default_factory=knobs.tile_checksums)
     copy_ahead: int = 10_000_000
 
 
@@ -152,6 +153,7 @@ def _write_one_file(fs: FileSystemBase, job: FileJob, planner: SavePlanner, opts
         ordered = sorted(job.items, key=lambda it: it.type != WriteItemType.BYTE_IO)
         for item, data in _resolved(ordered, planner, opts.copy_ahead):
             keepalive: Any
+            tiles: TileChecksums | None = None
             if item.type == WriteItemType.BYTE_IO:
                 if not isinstance(data, io.BytesIO):
                     raise CheckpointWriteError(
@@ -173,10 +175,15 @@ def _write_one_file(fs: FileSystemBase, job: FileJob, planner: SavePlanner, opts
                 pieces = [memoryview(head), byte_view(tensor), memoryview(tail)]
             if opts.extensions:
                 pieces = [memoryview(p) for p in encode(opts.extensions, pieces)]
+            pad = -handle.tell() % _RECORD_ALIGN
+            if pad:
+                handle.write([memoryview(bytes(pad))])
             offset = handle.tell()
             hasher = BlockHasher(offset, opts.checksum_block)
             for piece in pieces:
                 hasher.update(piece)
+            if opts.tiles and not opts.extensions and isinstance(keepalive, torch.Tensor):
+                tiles = _tile_sums(keepalive, offset + len(pieces[0]), opts.checksum_block)
             length = handle.write(pieces)
             del keepalive
             info = _StorageInfo(job.relative_path, offset, length, transform_descriptors=descriptors)
@@ -184,6 +191,8 @@ def _write_one_file(fs: FileSystemBase, job: FileJob, planner: SavePlanner, opts
             if item.type != WriteItemType.BYTE_IO and not opts.extensions:
                 sums = sums.with_head(pieces[0])
             setattr(info, ATTRIBUTE, sums.to_record())
+            if tiles is not None:
+                setattr(info, TILE_ATTRIBUTE, tiles.to_record())
             results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=info))
         if safetensors_items:
             results += dcp_safetensors.write_blob(handle, job.relative_path, safetensors_items, opts.checksum_block)
@@ -194,6 +203,16 @@ def _write_one_file(fs: FileSystemBase, job: FileJob, planner: SavePlanner, opts
         handle.abort()
         raise
     return results
+
+
+def _tile_sums(tensor: torch.Tensor, data_start: int, block_size: int) -> TileChecksums | None:
+    tiling = choose_tiling(tuple(tensor.shape), tensor.element_size(), block_size)
+    if tiling is None:
+        return None
+    segments, group_rows = tiling
+    rows = tensor.shape[0]
+    row_bytes = tensor.numel() * tensor.element_size() // rows
+    return TileChecksums(data_start, rows, row_bytes, segments, group_rows, hash_tiles(tensor, segments, group_rows))
 
 
 def write_files(
@@ -386,8 +405,10 @@ def _load_tensor_group(
         sums.check_head(head, handle.path, where)
         rec = parse_verified_head(head, info.length, where)
         _check_expected(rec, group.requests[0].storage_index, opts, where)
+        tiles = _tile_sums_of(info, where)
         for req in group.requests:
-            _read_request(handle, rec, base + rec.data_offset, req, targets[id(req)], sums, opts.verify, where)
+            target = targets[id(req)]
+            _read_request(handle, rec, base + rec.data_offset, req, target, sums, opts.verify, where, tiles)
         return
     magic = handle.read(base, 4) if info.length >= 4 else b""
     if magic == ZIP_MAGIC:
@@ -532,6 +553,7 @@ def _read_request(
     sums: BlockChecksums | None,
     verify: bool,
     where: str,
+    tiles: TileChecksums | None = None,
 ) -> None:
     _check_box(rec, req, target, where)
     count = math.prod(req.lengths)
@@ -555,23 +577,9 @@ def _read_request(
     if contiguous_box and target.dtype == rec.dtype and is_dense_cpu(target):
         _read_verified(handle, start, stop, byte_view(target), sums, verify, where)
         return
-    if (
-        not contiguous_box
-        and (not verify or sums is None)
-        and not handle.prefers_large_reads
-        and (stop - start) > _STRIDED_MIN_WASTE * count * item
-    ):
-        # a column slice: without block checksums to honour, read each contiguous run and nothing between them
-        if _read_runs(handle, rec, data_base, req, target, strides, where):
-            return
-    if (
-        not contiguous_box
-        and verify
-        and sums is not None
-        and not handle.prefers_large_reads
-        and len(req.lengths) >= 2
-        and (stop - start) > 2 * _VERIFY_CHUNK
-        and _stream_rows(handle, start, stop, rec.dtype, req, strides, target, sums, where)
+    mapped = None if handle.prefers_large_reads else handle.mapped()
+    if mapped is not None and _copy_mapped(
+        mapped, handle.path, rec, data_base, req, target, sums, tiles, verify, where
     ):
         return
     buf = _read_verified(handle, start, stop, _scratch(stop - start), sums, verify, where)
@@ -580,91 +588,96 @@ def _read_request(
     target.copy_(view)
 
 
-def _stream_rows(
-    handle: ReadHandle,
-    start: int,
-    stop: int,
-    dtype: torch.dtype,
-    req: ReadItem,
-    strides: list[int],
-    target: torch.Tensor,
-    sums: BlockChecksums,
-    where: str,
-) -> bool:
-    """A verified strided box (a column slice), streamed: read a few checksum blocks, verify them, copy the rows they
-    complete into the destination while the bytes are still in cache, keep the partial row for the next read.
-
-    Reads each block once (as the one bounding read would) but never writes the whole bounding range to memory and
-    reads it back for the copy. Returns False when the layout does not allow it (then the caller reads the range).
-    """
-    item = dtype.itemsize
-    lo, hi = sums.widen(start, stop)
-    row_step = strides[0] * item
-    rows = req.lengths[0]
-    row_span = (sum((n - 1) * st for n, st in zip(req.lengths[1:], strides[1:])) + 1) * item
-    step = max(sums.block_size, (_VERIFY_CHUNK // sums.block_size) * sums.block_size)
-    if rows < 2 or (start - lo) % item or row_step % item or lo < start - step:
-        return False
-    capacity = step + row_span + item
-    scratch = torch.empty(capacity + (-capacity) % item, dtype=torch.uint8)
-    raw = byte_view(scratch)
-    typed = scratch.view(dtype)
-    buf_start, filled, next_row, pos = lo, 0, 0, lo
-    inner = tuple(req.lengths[1:])
-    while pos < hi:
-        end = min(pos + step, hi)
-        piece = raw[filled : filled + (end - pos)]
-        handle.readinto(pos, piece)
-        verify_pieces(sums, [(pos, piece)], handle.path, where)
-        filled += end - pos
-        pos = end
-        buf_end = buf_start + filled
-        done = 0 if buf_end < start + row_span else min(rows, (buf_end - start - row_span) // row_step + 1)
-        if done > next_row:
-            offset = start + next_row * row_step - buf_start
-            view = typed.as_strided((done - next_row, *inner), tuple(strides), offset // item)
-            target.narrow(0, next_row, done - next_row).copy_(view)
-            next_row = done
-        keep_from = min(start + next_row * row_step, buf_end) if next_row < rows else buf_end
-        shift = keep_from - buf_start
-        if shift > 0:
-            kept = filled - shift
-            if kept:
-                scratch[:kept] = scratch[shift:filled].clone()
-            buf_start, filled = keep_from, kept
-    if next_row != rows:
-        raise CorruptCheckpointError(f"{where}: streamed {next_row} of {rows} rows (a bug in dcpio; please report it)")
-    return True
+def _tile_sums_of(info: _StorageInfo, where: str) -> TileChecksums | None:
+    record = getattr(info, TILE_ATTRIBUTE, None)
+    return None if record is None else TileChecksums.from_record(record, where)
 
 
-def _read_runs(
-    handle: ReadHandle,
+def _copy_mapped(
+    mapped: torch.Tensor,
+    path: str,
     rec: TensorRecord,
     data_base: int,
     req: ReadItem,
     target: torch.Tensor,
-    strides: list[int],
+    sums: BlockChecksums | None,
+    tiles: TileChecksums | None,
+    verify: bool,
     where: str,
 ) -> bool:
-    """Read a strided box run by run; False when runs are too short to beat one bounding read."""
-    size, offs, lens = rec.size, list(req.storage_offsets), list(req.lengths)
-    p = max(d for d in range(len(size)) if lens[d] != size[d])
+    """Serve one request by strided copies out of the file's memory map; False when the layout does not allow it.
+
+    Verified with tiles: row group by row group, the tiles under the requested columns are gathered and hashed, and
+    the group's rows are copied while those bytes are still in cache; only those tiles' bytes are touched. Verified
+    with blocks only: each band of rows has its blocks hashed in place in the map, then is copied. Unverified: one
+    strided copy of exactly the requested bytes.
+    """
     item = rec.dtype.itemsize
-    run = lens[p] * strides[p] * item
-    if run < _MIN_RUN_BYTES:
+    first_byte = data_base + rec.storage_offset * item
+    numel = math.prod(rec.size)
+    if data_base + rec.data_length > mapped.numel() or (rec.storage_offset + numel) * item > rec.data_length:
         return False
-    direct = target.dtype == rec.dtype and is_dense_cpu(target)
-    scratch = target if direct else torch.empty(tuple(lens), dtype=rec.dtype)
-    out = byte_view(scratch)
-    pos = 0
-    for outer in itertools.product(*(range(o, o + n) for o, n in zip(offs[:p], lens[:p]))):
-        first = rec.storage_offset + sum(i * st for i, st in zip(outer, strides)) + offs[p] * strides[p]
-        handle.readinto(data_base + first * item, out[pos : pos + run])
-        pos += run
-    if pos != len(out):
-        raise CorruptCheckpointError(f"{where}: strided read covered {pos} of {len(out)} bytes (a bug in dcpio)")
-    if not direct:
-        target.copy_(scratch)
+    region = mapped.narrow(0, first_byte, numel * item)
+    dest = target
+    if first_byte % item == 0:
+        box = region.view(rec.dtype).view(rec.size)
+        for d, (o, n) in enumerate(zip(req.storage_offsets, req.lengths)):
+            box = box.narrow(d, o, n)
+    elif rec.size and target.dtype == rec.dtype and is_dense_cpu(target):
+        # data not aligned to its element size (records torch wrote back to back): copy bytes into the bytes of
+        # the destination; the last dimension counts bytes
+        box = region.view(*rec.size[:-1], rec.size[-1] * item)
+        last = len(rec.size) - 1
+        for d, (o, n) in enumerate(zip(req.storage_offsets, req.lengths)):
+            box = box.narrow(d, o * item, n * item) if d == last else box.narrow(d, o, n)
+        dest = target.view(torch.uint8)
+    else:
+        return False
+    a, n0 = (req.storage_offsets[0], req.lengths[0]) if rec.size else (0, 1)
+    if not verify or sums is None:
+        dest.copy_(box)
+        count_mapped(box.numel() * item)
+        return True
+    rows = rec.size[0] if rec.size else 1
+    row_bytes = numel * item // rows if rows else 0
+    if tiles is not None and len(rec.size) >= 2:
+        if tiles.data_start != first_byte or tiles.rows != rows or tiles.row_bytes != row_bytes:
+            raise CorruptCheckpointError(
+                f"{where}: the tile checksum record says the data is {tiles.rows} rows of {tiles.row_bytes} bytes "
+                f"at byte {tiles.data_start}, the record header says {rows} x {row_bytes} at {first_byte}; the "
+                "metadata or the data file is damaged. Restore it or load an earlier checkpoint."
+            )
+        strides = c_strides(rec.size)
+        lo = sum(o * st for o, st in zip(req.storage_offsets[1:], strides[1:])) * item
+        ends = zip(req.storage_offsets[1:], req.lengths[1:], strides[1:])
+        hi = (sum((o + n - 1) * st for o, n, st in ends) + 1) * item
+        s0, s1 = tiles.segments_for(lo, hi)
+        data_u8 = region.view(rows, row_bytes)
+        touched = 0
+        g_rows = tiles.group_rows
+        for g in range(a // g_rows, -(-(a + n0) // g_rows)):
+            touched += tiles.verify(data_u8, g, s0, s1, path, where)
+            r_lo, r_hi = max(a, g * g_rows), min(a + n0, (g + 1) * g_rows)
+            dest.narrow(0, r_lo - a, r_hi - r_lo).copy_(box.narrow(0, r_lo - a, r_hi - r_lo))
+        count_mapped(touched)
+        return True
+    # block checksums only: bands of rows, each band's blocks hashed in place, then the band copied
+    row_step = row_bytes if rows else 0
+    band = max(1, _VERIFY_CHUNK // max(1, row_step))
+    verified_to = first_byte
+    touched = 0
+    for r in range(a, a + n0, band):
+        r_end = min(a + n0, r + band)
+        lo, hi = sums.widen(first_byte + r * row_step, first_byte + r_end * row_step)
+        if lo < sums.base or hi > sums.end:
+            return False
+        lo = max(lo, verified_to)
+        if hi > lo:
+            verify_pieces(sums, [(lo, byte_view(mapped.narrow(0, lo, hi - lo)))], path, where)
+            touched += hi - lo
+            verified_to = hi
+        dest.narrow(0, r - a, r_end - r).copy_(box.narrow(0, r - a, r_end - r))
+    count_mapped(touched)
     return True
 
 

@@ -19,6 +19,7 @@ from collections.abc import Generator, Sequence
 from contextlib import contextmanager
 from typing import IO, Any, cast
 
+import torch
 from torch.distributed.checkpoint.filesystem import FileSystemBase as _TorchFileSystemBase
 
 from dcpio.errors import CorruptCheckpointError
@@ -78,6 +79,14 @@ class ReadHandle(ABC):
             if len(buf):
                 self.readinto(offset, buf)
                 offset += len(buf)
+
+    def mapped(self) -> torch.Tensor | None:
+        """The whole file as a read-only uint8 CPU tensor over a memory map, or None where the store has none.
+
+        Used for scattered reads; the tensor is valid until :meth:`close`. Like any memory map, it requires that
+        nobody truncates the file while it is being loaded.
+        """
+        return None
 
     def read(self, offset: int, length: int) -> bytes:
         out = bytearray(length)

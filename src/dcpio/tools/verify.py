@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from dcpio.errors import CheckpointError
+from dcpio.errors import CheckpointError, CorruptCheckpointError
+from dcpio.integrity.tiles import TILE_ATTRIBUTE, TileChecksums, hash_tiles
 from dcpio.tools._sources import (
     DcpSource,
     HfSource,
@@ -217,6 +218,8 @@ def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None, op
                 try:
                     buf = src.load_chunk(name, chunk)
                     report.bytes_read += buf.numel() * buf.element_size()
+                    if infos:
+                        _check_tiles(infos[0], buf, f"{item_file}: tensor '{name}' ({where})")
                 except Exception as err:  # every failure of one chunk is reported and the scan goes on
                     report.problems.append(Problem(_classify(err), item_file, name, f"{where}: {_first_line(err)}"))
                 done += sum(int(i.length) for i in infos)
@@ -225,6 +228,26 @@ def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None, op
         report.items_checked += 1
     if progress is not None:
         progress("verify", total, total)
+
+
+def _check_tiles(info: Any, chunk: torch.Tensor, where: str) -> None:
+    """The column-segment digests (used by resharding loads) must agree with the data the blocks just verified."""
+    record = getattr(info, TILE_ATTRIBUTE, None)
+    if record is None or not _tiled(chunk):
+        return
+    tiles = TileChecksums.from_record(record, where)
+    rows = chunk.shape[0]
+    if tiles.rows != rows or tiles.row_bytes * rows != chunk.numel() * chunk.element_size():
+        raise CorruptCheckpointError(f"{where}: the tile checksum record does not match the chunk's shape")
+    if hash_tiles(chunk.contiguous(), tiles.segments, tiles.group_rows) != tiles.digests:
+        raise CorruptCheckpointError(
+            f"{where}: the tile checksums in .metadata disagree with the data (which its block checksums vouch for); "
+            "the metadata is damaged, and resharding loads of this tensor would fail. Save the checkpoint again."
+        )
+
+
+def _tiled(chunk: torch.Tensor) -> bool:
+    return chunk.dim() >= 2 and chunk.device.type == "cpu"
 
 
 def _verify_hf(path: str, report: VerifyReport, progress: ProgressFn | None) -> None:
