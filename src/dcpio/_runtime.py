@@ -1,12 +1,38 @@
-"""Small runtime helpers shared by the I/O engine and the metadata parser."""
+"""Small runtime helpers shared by the I/O engine, the protocol classes and the metadata parser."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from collections.abc import Iterator
 
-__all__ = ["gc_paused"]
+from dcpio import knobs
+
+__all__ = ["GcPause", "end_gc_pause", "gc_paused", "start_gc_pause"]
+
+# One process-wide pause count: overlapping pauses (two loads in two threads, a load inside a save's planning)
+# neither re-enable the collector early nor leave it off.
+_lock = threading.Lock()
+_holders = 0
+_restore = False
+
+
+def _acquire() -> None:
+    global _holders, _restore
+    with _lock:
+        if _holders == 0:
+            _restore = gc.isenabled()
+            gc.disable()
+        _holders += 1
+
+
+def _release() -> None:
+    global _holders
+    with _lock:
+        _holders -= 1
+        if _holders == 0 and _restore:
+            gc.enable()
 
 
 @contextlib.contextmanager
@@ -16,10 +42,52 @@ def gc_paused() -> Iterator[None]:
     Measured here: unpickling a 380-item ``.metadata`` takes 9 ms, but 176 ms when its allocations trigger a full
     collection over the ~250k objects a torch process tracks; an I/O plan's memoryviews and futures do the same.
     """
-    was_enabled = gc.isenabled()
-    gc.disable()
+    _acquire()
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        _release()
+
+
+class GcPause:
+    """A collector pause that spans several calls of a storage layer: from a load's metadata read to its last byte
+    (or a save's set-up to its last write), across torch's planning in between.
+
+    torch's planning allocates tens of thousands of short-lived objects (plans, read items, their pickles sent
+    between ranks); measured in a 2-rank resharding load, they set off one full collection per load costing 120-220
+    ms, a third of the load. The pause ends at :meth:`release`, or after ``limit`` seconds if the load fails in
+    torch's code and never reaches it. ``DCPIO_PAUSE_GC=0`` turns it off.
+    """
+
+    def __init__(self, limit: float = 5.0) -> None:
+        self._guard = threading.Lock()
+        self._held = knobs.pause_gc()
+        self._timer: threading.Timer | None = None
+        if self._held:
+            _acquire()
+            self._timer = threading.Timer(limit, self.release)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def release(self) -> None:
+        with self._guard:
+            if not self._held:
+                return
+            self._held = False
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.cancel()
+        _release()
+
+
+def start_gc_pause(owner: object) -> None:
+    """Start ``owner``'s (a reader's or writer's) :class:`GcPause`, ending one it still holds."""
+    end_gc_pause(owner)
+    owner._dcpio_gc_pause = GcPause()  # type: ignore[attr-defined]
+
+
+def end_gc_pause(owner: object) -> None:
+    """End ``owner``'s :class:`GcPause`, if it holds one."""
+    pause: GcPause | None = getattr(owner, "_dcpio_gc_pause", None)
+    if pause is not None:
+        owner._dcpio_gc_pause = None  # type: ignore[attr-defined]
+        pause.release()

@@ -10,6 +10,7 @@ import os
 
 __all__ = [
     "checksum_block_size",
+    "pause_gc",
     "tile_checksums",
     "default_io_threads",
     "max_bytes_in_flight",
@@ -68,6 +69,15 @@ def tile_checksums() -> bool:
     raw = os.environ.get("DCPIO_TILE_CHECKSUMS", "1").strip()
     if raw not in ("0", "1", ""):
         raise ValueError(f"environment variable DCPIO_TILE_CHECKSUMS={raw!r} must be 0 or 1")
+    return raw != "0"
+
+
+def pause_gc() -> bool:
+    """Pause Python's cyclic collector from a load's metadata read to its last byte, and from a save's set-up to its
+    last write (``DCPIO_PAUSE_GC``, default 1; 0 turns it off). See :class:`dcpio._runtime.GcPause`."""
+    raw = os.environ.get("DCPIO_PAUSE_GC", "1").strip()
+    if raw not in ("0", "1", ""):
+        raise ValueError(f"environment variable DCPIO_PAUSE_GC={raw!r} must be 0 or 1")
     return raw != "0"
 
 

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dcpio import knobs
+from dcpio._runtime import end_gc_pause, start_gc_pause
 from dcpio.engine import ReadOptions, read_plan
 from dcpio.errors import CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
 from dcpio.integrity.paths import check_relative_path, check_stays_inside
@@ -106,6 +107,7 @@ class FileSystemReader(StorageReader):
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
+        start_gc_pause(self)  # through torch's planning to the last byte of this load; see dcpio._runtime.GcPause
         return metadata
 
     def _explain_missing(self, metadata_path: str) -> None:
@@ -215,7 +217,10 @@ class FileSystemReader(StorageReader):
             root=str(self.path),
             expected=self._expected,
         )
-        read_plan(self.fs, plan.items, self.storage_data, planner, opts, self._check_bytes)
+        try:
+            read_plan(self.fs, plan.items, self.storage_data, planner, opts, self._check_bytes)
+        finally:
+            end_gc_pause(self)
         future: Future[None] = Future()
         future.set_result(None)
         return future

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcpio import knobs
+from dcpio._runtime import end_gc_pause, start_gc_pause
 from dcpio.engine import FileJob, WriteOptions, write_files
 from dcpio.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
 from dcpio.movers.base import FileSystemBase
@@ -136,6 +137,7 @@ class _DcpioWriter(StorageWriter):
         self.save_id = str(uuid.uuid4())
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        start_gc_pause(self)  # until this rank's last write; see dcpio._runtime.GcPause
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
@@ -206,7 +208,10 @@ class _DcpioWriter(StorageWriter):
             copy_ahead=self.per_thread_copy_ahead,
         )
         future: Future[list[WriteResult]] = Future()
-        future.set_result(write_files(self.fs, jobs, planner, opts))
+        try:
+            future.set_result(write_files(self.fs, jobs, planner, opts))
+        finally:
+            end_gc_pause(self)
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
