@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from dcpio import knobs
 
-__all__ = ["GcPause", "end_gc_pause", "gc_paused", "start_gc_pause"]
+__all__ = ["GcPause", "end_gc_pause", "gc_paused", "pauses_held", "start_gc_pause"]
 
 # One process-wide pause count: overlapping pauses (two loads in two threads, a load inside a save's planning)
 # neither re-enable the collector early nor leave it off.
@@ -23,7 +23,7 @@ def _acquire() -> None:
     with _lock:
         if _holders == 0:
             _restore = gc.isenabled()
-            gc.disable()
+        gc.disable()  # also when held already: someone may have turned it back on in between
         _holders += 1
 
 
@@ -50,13 +50,14 @@ def gc_paused() -> Iterator[None]:
 
 
 class GcPause:
-    """A collector pause that spans several calls of a storage layer: from a load's metadata read to its last byte
-    (or a save's set-up to its last write), across torch's planning in between.
+    """A collector pause that spans several calls of a storage layer, across torch's planning in between.
 
-    torch's planning allocates tens of thousands of short-lived objects (plans, read items, their pickles sent
-    between ranks); measured in a 2-rank resharding load, they set off one full collection per load costing 120-220
-    ms, a third of the load. The pause ends at :meth:`release`, or after ``limit`` seconds if the load fails in
-    torch's code and never reaches it. ``DCPIO_PAUSE_GC=0`` turns it off.
+    It starts when the reader's or writer's ``prepare_local_plan`` returns (torch then gathers the ranks' plans,
+    builds the global plan and scatters it) and ends when ``read_data`` / ``write_data`` return. torch's planning
+    allocates tens of thousands of short-lived objects (plans, read items, their pickles sent between ranks);
+    measured in a 2-rank resharding load, they set off one full collection per load costing 120-220 ms, a third of
+    the load. The pause ends at :meth:`release`, or after ``limit`` seconds if the load fails in torch's code and
+    never gets there. ``DCPIO_PAUSE_GC=0`` turns it off.
     """
 
     def __init__(self, limit: float = 5.0) -> None:
@@ -77,6 +78,12 @@ class GcPause:
         if self._timer is not None and self._timer is not threading.current_thread():
             self._timer.cancel()
         _release()
+
+
+def pauses_held() -> int:
+    """How many pauses are holding the collector off now (for tests and diagnostics)."""
+    with _lock:
+        return _holders
 
 
 def start_gc_pause(owner: object) -> None:

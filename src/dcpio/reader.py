@@ -107,7 +107,6 @@ class FileSystemReader(StorageReader):
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
-        start_gc_pause(self)  # through torch's planning to the last byte of this load; see dcpio._runtime.GcPause
         return metadata
 
     def _explain_missing(self, metadata_path: str) -> None:
@@ -186,6 +185,7 @@ class FileSystemReader(StorageReader):
         return None
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        start_gc_pause(self)  # through torch's global planning to the last byte of this load; see GcPause
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:

@@ -137,7 +137,6 @@ class _DcpioWriter(StorageWriter):
         self.save_id = str(uuid.uuid4())
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        start_gc_pause(self)  # until this rank's last write; see dcpio._runtime.GcPause
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
@@ -159,6 +158,7 @@ class _DcpioWriter(StorageWriter):
             )
         if self.rank is not None and not self.use_collectives:
             plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{self.rank}_"))
+        start_gc_pause(self)  # through torch's global planning to this rank's last write; see GcPause
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
