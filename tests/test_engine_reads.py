@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,30 @@ def test_strided_boxes_with_and_without_verification(tmp_path: Path, verify: boo
         reader.read_data(LoadPlan([req]), _Into(dest)).wait()  # type: ignore[arg-type]
         want = full[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
         assert torch.equal(dest, want), (offsets, lengths)
+
+
+def _rewrite_tiles(tmp_path: Path, change: Any) -> None:
+    meta = tmp_path / ".metadata"
+    md = pickle.loads(meta.read_bytes())
+    info = next(iter(md.storage_data.values()))
+    info.dcpio_tiles = change(info.dcpio_tiles)
+    meta.write_bytes(pickle.dumps(md))
+
+
+def test_a_malformed_tile_record_is_named(tmp_path: Path) -> None:
+    _save_matrix(tmp_path)
+    _rewrite_tiles(tmp_path, lambda rec: (*rec[:6], rec[6][:-8]))  # one digest short
+    with pytest.raises(dcpio.CorruptCheckpointError, match=r"tile checksum record in \.metadata is malformed"):
+        _read_box(tmp_path, (0, 720), (5760, 720), torch.float32)
+
+
+def test_tile_digests_that_disagree_with_the_data_fail_the_load_and_verify(tmp_path: Path) -> None:
+    full = _save_matrix(tmp_path)
+    _rewrite_tiles(tmp_path, lambda rec: (*rec[:6], bytes(len(rec[6]))))
+    with pytest.raises(dcpio.CorruptCheckpointError, match="checksum mismatch in rows"):
+        _read_box(tmp_path, (0, 720), (5760, 720), torch.float32)
+    # a full load verifies blocks, not tiles, and is right; verify reports the damaged metadata
+    assert torch.equal(_read_box(tmp_path, (0, 0), (5760, 1440), torch.float32), full)
+    report = verify_checkpoint(str(tmp_path))
+    assert not report.ok
+    assert any("tile checksums in .metadata disagree" in p.message for p in report.problems), report.problems

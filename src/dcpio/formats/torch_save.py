@@ -460,12 +460,29 @@ def _tensor_record(
     return TensorRecord(dtype, obj.size, obj.stride, obj.storage_offset, data_start, data_size)
 
 
+# parsed heads, by (head bytes, item length): the result depends on nothing else, and the hundreds of norm
+# vectors or layer matrices of one shape share a head byte for byte
+_HEADS: dict[tuple[bytes, int], TensorRecord] = {}
+_HEADS_MAX = 4096
+
+
 def parse_verified_head(head: bytes, item_length: int, where: str) -> TensorRecord:
     """Parse the envelope head of a record dcpio wrote, already checked against its recorded digest.
 
     dcpio's records carry their sizes in the local headers and end the head with the storage record's header, so
     the head alone locates the data: one read instead of the directory walk :func:`parse_tensor_item` does.
     """
+    key = (head, item_length)
+    rec = _HEADS.get(key)
+    if rec is None:
+        rec = _parse_head(head, item_length, where)
+        if len(_HEADS) >= _HEADS_MAX:
+            _HEADS.clear()
+        _HEADS[key] = rec
+    return rec
+
+
+def _parse_head(head: bytes, item_length: int, where: str) -> TensorRecord:
     records: dict[str, tuple[int, int]] = {}
     p = 0
     while True:
