@@ -330,6 +330,40 @@ def test_resharding_load_reads_only_the_needed_bytes(s3_via_proxy: S3Endpoint, f
     assert total / 2 <= read <= total / 2 + 4 * block + (256 << 10), (read, total)
 
 
+def test_neighbouring_records_share_requests(s3_via_proxy: S3Endpoint, fault_proxy: FaultProxy) -> None:
+    """300 norm-sized vectors and 40 medium matrices: one ranged GET per run of neighbours, not one per record."""
+    ep = s3_via_proxy
+    gen = torch.Generator().manual_seed(4)
+    sd: dict[str, Any] = {f"norm{i}": torch.randn(1440, generator=gen) for i in range(300)}
+    sd.update({f"proj{i}": torch.randn(256, 256, generator=gen) for i in range(40)})  # 256 KiB each
+    _save(sd, ep, "ck", thread_count=2)
+    fault_proxy.reset_log()
+    out = _load(template_like(sd), ep, "ck")
+    assert_tree_equal(sd, out)
+    gets = [r for r in fault_proxy.log() if r.method == "GET" and r.path.endswith(".distcp")]
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    # 2 files of ~7 MiB, parts of 5 MiB: a handful of requests (one per record would be 340)
+    assert len(gets) <= 12, len(gets)
+    assert total <= sum(r.received for r in gets) <= 1.1 * total + (1 << 20)
+
+
+def test_flip_in_a_batched_record_names_that_tensor(s3: S3Endpoint, moto: MotoServer) -> None:
+    gen = torch.Generator().manual_seed(6)
+    sd = {f"norm{i}": torch.randn(1440, generator=gen) for i in range(50)}
+    _save(sd, s3, "ck", thread_count=1)
+    storage = dcpio.FsspecReader(s3.url("ck"), **s3.storage_options).read_metadata().storage_data
+    info = next(v for k, v in storage.items() if k.fqn == "norm17")
+    client = moto.client()
+    key = f"ck/{info.relative_path}"
+    body = bytearray(client.get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+    body[info.offset + info.length - 100] ^= 0x10  # inside norm17's data
+    client.put_object(Bucket=s3.bucket, Key=key, Body=bytes(body))
+    with pytest.raises(BaseException) as caught:
+        _load(template_like(sd), s3, "ck")
+    text = _chain_text(caught.value)
+    assert "checksum mismatch" in text and "norm17" in text, text
+
+
 def test_overwrite_keeps_old_checkpoint_until_commit(
     moto: MotoServer, s3_via_proxy: S3Endpoint, fault_proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:

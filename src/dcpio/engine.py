@@ -62,6 +62,7 @@ __all__ = ["FileJob", "ReadOptions", "WriteOptions", "read_plan", "write_files"]
 _RECORD_ALIGN = 64
 _VERIFY_CHUNK = 4 << 20  # bytes read per system call when verifying: a few checksum blocks, still cache-resident
 _SMALL_ITEM = 256 << 10  # items up to this size are read with one call and parsed in memory
+_COALESCE_GAP = 64 << 10  # object stores: neighbouring small records this close share one request
 
 
 # ======================================================================================================== save
@@ -441,13 +442,16 @@ def _read_whole_record(
     opts: ReadOptions,
     where: str,
 ) -> bool:
-    """A whole dcpio record wanted whole, by a contiguous destination of its dtype: one vectored read.
+    """A whole dcpio record wanted whole, by a contiguous destination of its dtype: one vectored read (one ranged
+    request on an object store).
 
     The record's head, its data (straight into the destination) and its tail come in with one ``preadv``; then the
     blocks, the head digest and the parsed header are checked. Returns False (nothing read) when the request does
     not fit this path.
     """
-    if len(group.requests) != 1 or info.length > _SMALL_ITEM or handle.prefers_large_reads:
+    # local files: small records only (a large one is read block by block, hashed while in cache); object stores:
+    # any size, since one request for head, data and tail beats two
+    if len(group.requests) != 1 or (info.length > _SMALL_ITEM and not handle.prefers_large_reads):
         return False
     req = group.requests[0]
     expected = opts.expected(req.storage_index)
@@ -511,8 +515,59 @@ def _load_small_groups(
     opts: ReadOptions,
     handles: Callable[[str], ReadHandle],
 ) -> None:
+    if batch and handles(batch[0][0]).prefers_large_reads:
+        _load_small_coalesced(fs, batch, targets, opts, handles)
+        return
     for path, group in batch:
         _load_tensor_group(fs, path, group, targets, opts, handles)
+
+
+def _load_small_coalesced(
+    fs: FileSystemBase,
+    batch: list[tuple[str, _Group]],
+    targets: dict[int, torch.Tensor],
+    opts: ReadOptions,
+    handles: Callable[[str], ReadHandle],
+) -> None:
+    """Object stores: neighbouring small records of one file come in with one ranged GET (a request costs far more
+    than its bytes), then each is checked and copied out of memory. ``batch`` is sorted by file and offset."""
+    runs: list[list[tuple[str, _Group]]] = []
+    for path, group in batch:
+        info = group.info
+        if info.transform_descriptors:  # decoded one by one on the general path
+            runs.append([(path, group)])
+            continue
+        if runs and not runs[-1][-1][1].info.transform_descriptors:
+            last_path, last = runs[-1][-1]
+            first = runs[-1][0][1].info
+            gap = info.offset - (last.info.offset + last.info.length)
+            span = info.offset + info.length - first.offset
+            if last_path == path and 0 <= gap <= _COALESCE_GAP and span <= knobs.s3_part_size():
+                runs[-1].append((path, group))
+                continue
+        runs.append([(path, group)])
+    for run in runs:
+        path = run[0][0]
+        handle = handles(path)
+        start = run[0][1].info.offset
+        end = max(g.info.offset + g.info.length for _, g in run)
+        if len(run) == 1 or end > handle.size():  # a truncated file: the general path names the item
+            for p, group in run:
+                _load_tensor_group(fs, p, group, targets, opts, handles)
+            continue
+        buf = memoryview(bytearray(end - start))
+        handle.readinto(start, buf)
+        for p, group in run:
+            info = group.info
+            stored = buf[info.offset - start : info.offset - start + info.length]
+            if stored[:4] != ZIP_MAGIC:  # not a torch.save record (SAFETENSORS layout): the general path
+                _load_tensor_group(fs, p, group, targets, opts, handles)
+                continue
+            where = f"{info.relative_path}: tensor '{_item_name(group.requests[0].storage_index)}'"
+            sums = _checksums(info, where)
+            if opts.verify and sums is not None:
+                verify_pieces(sums, [(info.offset, stored)], handle.path, where)
+            _copy_from_record_bytes(stored, group, targets, where, opts)
 
 
 def _check_box(rec: TensorRecord, req: ReadItem, target: torch.Tensor, where: str) -> None:
@@ -790,11 +845,15 @@ def read_plan(
                         futures.append(fut_b)
                         continue
                     resolve(group)
-                    if group.info.length <= _SMALL_ITEM:
+                    # on object stores records up to a quarter part are batched too: neighbours share a request
+                    limit = _SMALL_ITEM if not handles(path).prefers_large_reads else knobs.s3_part_size() // 4
+                    if group.info.length <= limit:
                         small.append((path, group))
                     else:
                         futures.append(pool.submit(_load_tensor_group, fs, path, group, targets, opts, handles))
-                # small items in batches: one task each would cost more in scheduling than in reading
+                # small items in batches, in file order (neighbours share a request on object stores): one task
+                # each would cost more in scheduling than in reading
+                small.sort(key=lambda pg: (pg[0], pg[1].info.offset))
                 per_task = max(1, -(-len(small) // (4 * max(1, opts.threads))))
                 for i in range(0, len(small), per_task):
                     batch = small[i : i + per_task]
