@@ -7,7 +7,9 @@ The writer and reader (protocol classes) decide *what* goes *where*; this module
   tensor's own memory, handed to ``os.writev`` unchanged; block checksums are computed on the same memory.
 * **Load**: requests are grouped by stored item; each group parses the item's header once, then reads only the byte
   range each request needs (widened to checksum blocks), straight into the destination tensor when it is a
-  contiguous CPU tensor of the stored dtype, otherwise into a scratch buffer that is viewed and copied.
+  contiguous CPU tensor of the stored dtype. A strided box (a column slice) on a local file is copied out of a
+  memory map, verified tile by tile (:mod:`dcpio.integrity.tiles`); elsewhere it goes through a scratch buffer.
+  On object stores whole records are single requests and neighbouring small records share one.
 
 Every worker exception reaches the caller: futures are awaited with ``.result()``; on a failed save every file the
 save created is removed before the first error is raised (the others are attached as notes).
