@@ -32,16 +32,25 @@ class _Into:
         pass
 
 
-def _read_box(path: Path, offsets: tuple[int, ...], lengths: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    reader = dcpio.FileSystemReader(path)
+def _read_box(
+    path: Path,
+    offsets: tuple[int, ...],
+    lengths: tuple[int, ...],
+    dtype: torch.dtype,
+    *,
+    name: str = "w",
+    verify: bool = True,
+) -> torch.Tensor:
+    """Read box ``offsets``/``lengths`` of the stored chunk of ``name`` (saved whole) through dcpio's reader."""
+    reader = dcpio.FileSystemReader(path, verify_checksums=verify)
     reader.set_up_storage_reader(reader.read_metadata(), True)
     dest = torch.zeros(lengths, dtype=dtype)
     zeros = torch.Size([0] * len(offsets))
     req = ReadItem(
         type=LoadItemType.TENSOR,
-        dest_index=MetadataIndex("w"),
+        dest_index=MetadataIndex(name),
         dest_offsets=zeros,
-        storage_index=MetadataIndex("w", zeros),
+        storage_index=MetadataIndex(name, zeros),
         storage_offsets=torch.Size(offsets),
         lengths=torch.Size(lengths),
     )
@@ -142,19 +151,7 @@ def test_strided_boxes_with_and_without_verification(tmp_path: Path, verify: boo
     full = torch.arange(64 * 96 * 5, dtype=torch.float32).view(64, 96, 5)
     dcp.save({"w": full}, storage_writer=dcpio.FileSystemWriter(tmp_path))
     for offsets, lengths in [((0, 48, 0), (64, 48, 5)), ((7, 13, 1), (50, 70, 3)), ((0, 0, 2), (64, 96, 1))]:
-        reader = dcpio.FileSystemReader(tmp_path, verify_checksums=verify)
-        reader.set_up_storage_reader(reader.read_metadata(), True)
-        dest = torch.zeros(lengths)
-        zeros = torch.Size([0, 0, 0])
-        req = ReadItem(
-            type=LoadItemType.TENSOR,
-            dest_index=MetadataIndex("w"),
-            dest_offsets=zeros,
-            storage_index=MetadataIndex("w", zeros),
-            storage_offsets=torch.Size(offsets),
-            lengths=torch.Size(lengths),
-        )
-        reader.read_data(LoadPlan([req]), _Into(dest)).wait()  # type: ignore[arg-type]
+        dest = _read_box(tmp_path, offsets, lengths, torch.float32, verify=verify)
         want = full[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
         assert torch.equal(dest, want), (offsets, lengths)
 
@@ -216,17 +213,5 @@ def test_column_slices_of_a_stock_torch_checkpoint_with_unaligned_records(tmp_pa
     for name, (offsets, lengths) in boxes.items():
         want = orig[name][tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
         for dtype in (orig[name].dtype, torch.float64):
-            reader = dcpio.FileSystemReader(tmp_path)
-            reader.set_up_storage_reader(reader.read_metadata(), True)
-            dest = torch.zeros(lengths, dtype=dtype)
-            zeros = torch.Size([0] * len(offsets))
-            req = ReadItem(
-                type=LoadItemType.TENSOR,
-                dest_index=MetadataIndex(name),
-                dest_offsets=zeros,
-                storage_index=MetadataIndex(name, zeros),
-                storage_offsets=torch.Size(offsets),
-                lengths=torch.Size(lengths),
-            )
-            reader.read_data(LoadPlan([req]), _Into(dest)).wait()  # type: ignore[arg-type]
+            dest = _read_box(tmp_path, offsets, lengths, dtype, name=name)
             assert torch.equal(dest, want.to(dtype)), (name, dtype)

@@ -54,7 +54,7 @@ from dcpio.integrity.checksum import ATTRIBUTE, BlockChecksums, BlockHasher, ver
 from dcpio.integrity.tiles import TILE_ATTRIBUTE, TileChecksums, choose_tiling, hash_tiles
 from dcpio.movers.base import FileSystemBase, ReadHandle
 from dcpio.movers.local import count_mapped
-from dcpio.tensor_bytes import byte_view, is_dense_cpu
+from dcpio.tensor_bytes import byte_view, is_dense_cpu, thread_scratch
 from dcpio.transforms import apply_decode, encode
 
 __all__ = ["FileJob", "ReadOptions", "WriteOptions", "read_plan", "write_files"]
@@ -326,20 +326,6 @@ def _read_verified(
     return dest
 
 
-_local = threading.local()
-
-
-def _scratch(nbytes: int) -> memoryview:
-    """A per-thread reusable buffer of at least ``nbytes``: fresh memory costs a page fault per 4 KiB on first use,
-    which for a resharding load (a scratch copy of every stored chunk) cost as much as the reads themselves.
-    The view is valid until the same thread asks again."""
-    buf: torch.Tensor | None = getattr(_local, "scratch", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(max(nbytes, 2 * (0 if buf is None else buf.numel())), dtype=torch.uint8)
-        _local.scratch = buf
-    return byte_view(buf)[:nbytes]
-
-
 def _load_tensor_group(
     fs: FileSystemBase,
     path: str,
@@ -350,7 +336,7 @@ def _load_tensor_group(
 ) -> None:
     info = group.info
     fqn = group.requests[0].storage_index.fqn
-    where = f"{info.relative_path}: tensor '{_item_name(group.requests[0].storage_index)}'"
+    where = _tensor_where(group)
     sums = _checksums(info, where)
     handle = handles(path)
     base = info.offset
@@ -396,10 +382,7 @@ def _load_tensor_group(
         # one read for the whole record instead of header, directory and data reads: small items are syscall-bound
         stored = memoryview(bytearray(info.length))
         handle.readinto(base, stored)
-        if stored[:4] == ZIP_MAGIC:
-            if opts.verify and sums is not None:
-                verify_pieces(sums, [(base, stored)], handle.path, where)
-            _copy_from_record_bytes(stored, group, targets, where, opts)
+        if _serve_stored_record(stored, group, targets, opts, handle.path, where):
             return
 
     if sums is not None and sums.head_length > 0 and opts.verify and sums.base == base:
@@ -433,6 +416,24 @@ def _load_tensor_group(
     _check_expected(rec, group.requests[0].storage_index, opts, where)
     for req in group.requests:
         _read_request(handle, rec, data_base, req, targets[id(req)], sums, opts.verify, where)
+
+
+def _tensor_where(group: _Group) -> str:
+    return f"{group.info.relative_path}: tensor '{_item_name(group.requests[0].storage_index)}'"
+
+
+def _serve_stored_record(
+    stored: memoryview, group: _Group, targets: dict[int, torch.Tensor], opts: ReadOptions, path: str, where: str
+) -> bool:
+    """Serve ``group`` from its whole stored item, already in memory: verify its blocks, then copy out of the
+    ``torch.save`` record. False (nothing done) when the item is not a ``torch.save`` record."""
+    if stored[:4] != ZIP_MAGIC:
+        return False
+    sums = _checksums(group.info, where)
+    if opts.verify and sums is not None:
+        verify_pieces(sums, [(group.info.offset, stored)], path, where)
+    _copy_from_record_bytes(stored, group, targets, where, opts)
+    return True
 
 
 def _read_whole_record(
@@ -562,14 +563,8 @@ def _load_small_coalesced(
         for p, group in run:
             info = group.info
             stored = buf[info.offset - start : info.offset - start + info.length]
-            if stored[:4] != ZIP_MAGIC:  # not a torch.save record (SAFETENSORS layout): the general path
-                _load_tensor_group(fs, p, group, targets, opts, handles)
-                continue
-            where = f"{info.relative_path}: tensor '{_item_name(group.requests[0].storage_index)}'"
-            sums = _checksums(info, where)
-            if opts.verify and sums is not None:
-                verify_pieces(sums, [(info.offset, stored)], handle.path, where)
-            _copy_from_record_bytes(stored, group, targets, where, opts)
+            if not _serve_stored_record(stored, group, targets, opts, handle.path, _tensor_where(group)):
+                _load_tensor_group(fs, p, group, targets, opts, handles)  # SAFETENSORS layout: the general path
 
 
 def _check_box(rec: TensorRecord, req: ReadItem, target: torch.Tensor, where: str) -> None:
@@ -619,9 +614,8 @@ def _read_request(
     item = rec.dtype.itemsize
     if not rec.is_c_contiguous:
         # written by torch with its original strides: read the whole storage, view it as saved
-        buf = _read_verified(
-            handle, data_base, data_base + rec.data_length, _scratch(rec.data_length), sums, verify, where
-        )
+        scratch = byte_view(thread_scratch("read", rec.data_length))
+        buf = _read_verified(handle, data_base, data_base + rec.data_length, scratch, sums, verify, where)
         _copy_from_storage(torch.frombuffer(buf, dtype=torch.uint8), rec, req, target, where)
         return
     strides = list(c_strides(rec.size))
@@ -639,7 +633,7 @@ def _read_request(
         mapped, handle.path, rec, data_base, req, target, sums, tiles, verify, where
     ):
         return
-    buf = _read_verified(handle, start, stop, _scratch(stop - start), sums, verify, where)
+    buf = _read_verified(handle, start, stop, byte_view(thread_scratch("read", stop - start)), sums, verify, where)
     span = torch.frombuffer(buf, dtype=torch.uint8).view(rec.dtype)
     view = span.as_strided(tuple(req.lengths), tuple(strides), 0)
     target.copy_(view)
@@ -813,13 +807,11 @@ def read_plan(
             group = groups[req.storage_index] = _Group(info)
         group.requests.append(req)
 
-    # destinations are resolved group by group as the groups are handed out, so the first reads start while the
-    # planner is still resolving the rest (a few ms per hundred items on this machine)
     targets: dict[int, torch.Tensor] = {}
-
-    def resolve(group: _Group) -> None:
+    for group in groups.values():
         for req in group.requests:
-            targets[id(req)] = planner.resolve_tensor(req).detach()
+            if req.type != LoadItemType.BYTE_IO:
+                targets[id(req)] = planner.resolve_tensor(req).detach()
 
     paths: dict[str, str] = {}
 
@@ -838,32 +830,26 @@ def read_plan(
         with gc_paused(), ThreadPoolExecutor(max_workers=max(1, opts.threads), thread_name_prefix="dcpio-r") as pool:
             futures: list[Future[Any]] = []
             small: list[tuple[str, _Group]] = []
-            try:
-                for group in ordered:
-                    path = path_of(group.info.relative_path)
-                    if group.requests[0].type == LoadItemType.BYTE_IO:
-                        fut_b = pool.submit(_load_bytes_group, path, group, opts, handles)
-                        bytes_results.append((group, fut_b))
-                        futures.append(fut_b)
-                        continue
-                    resolve(group)
-                    # on object stores records up to a quarter part are batched too: neighbours share a request
-                    limit = _SMALL_ITEM if not handles(path).prefers_large_reads else knobs.s3_part_size() // 4
-                    if group.info.length <= limit:
-                        small.append((path, group))
-                    else:
-                        futures.append(pool.submit(_load_tensor_group, fs, path, group, targets, opts, handles))
-                # small items in batches, in file order (neighbours share a request on object stores): one task
-                # each would cost more in scheduling than in reading
-                small.sort(key=lambda pg: (pg[0], pg[1].info.offset))
-                per_task = max(1, -(-len(small) // (4 * max(1, opts.threads))))
-                for i in range(0, len(small), per_task):
-                    batch = small[i : i + per_task]
-                    futures.append(pool.submit(_load_small_groups, fs, batch, targets, opts, handles))
-            except BaseException:  # the planner failed to resolve a destination: stop the reads not yet started
-                for pending in futures:
-                    pending.cancel()
-                raise
+            # on object stores records up to a quarter part are batched too: neighbours share a request
+            store_batch_limit = knobs.s3_part_size() // 4
+            for group in ordered:
+                path = path_of(group.info.relative_path)
+                if group.requests[0].type == LoadItemType.BYTE_IO:
+                    fut_b = pool.submit(_load_bytes_group, path, group, opts, handles)
+                    bytes_results.append((group, fut_b))
+                    futures.append(fut_b)
+                    continue
+                limit = store_batch_limit if handles(path).prefers_large_reads else _SMALL_ITEM
+                if group.info.length <= limit:
+                    small.append((path, group))
+                else:
+                    futures.append(pool.submit(_load_tensor_group, fs, path, group, targets, opts, handles))
+            # small items in batches, in file order (neighbours share a request on object stores): one task each
+            # would cost more in scheduling than in reading
+            small.sort(key=lambda pg: (pg[0], pg[1].info.offset))
+            per_task = max(1, -(-len(small) // (4 * max(1, opts.threads))))
+            for i in range(0, len(small), per_task):
+                futures.append(pool.submit(_load_small_groups, fs, small[i : i + per_task], targets, opts, handles))
             for fut in futures:
                 try:
                     fut.result()

@@ -8,10 +8,11 @@ The tensor must outlive the view; callers keep a reference for as long as they u
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 
-__all__ = ["byte_view", "empty_like_bytes", "is_dense_cpu"]
+__all__ = ["byte_view", "empty_like_bytes", "is_dense_cpu", "thread_scratch"]
 
 
 def is_dense_cpu(tensor: torch.Tensor) -> bool:
@@ -37,3 +38,23 @@ def empty_like_bytes(nbytes: int) -> tuple[torch.Tensor, memoryview]:
     """A fresh uint8 CPU tensor of ``nbytes`` and its byte view (the tensor keeps the memory alive)."""
     buf = torch.empty(nbytes, dtype=torch.uint8)
     return buf, byte_view(buf)
+
+
+_scratch = threading.local()
+
+
+def thread_scratch(key: str, nbytes: int) -> torch.Tensor:
+    """A per-thread reusable uint8 buffer of ``nbytes`` (one per ``key``, so two users in one thread never share).
+
+    Fresh memory costs a page fault per 4 KiB on first use, which for a resharding load (a scratch copy of every
+    stored chunk) cost as much as the reads themselves. The buffer grows at least twofold when it must grow; what it
+    returns is valid until the same thread asks for the same ``key`` again.
+    """
+    buffers: dict[str, torch.Tensor] | None = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(max(nbytes, 2 * (0 if buf is None else buf.numel())), dtype=torch.uint8)
+        buffers[key] = buf
+    return buf[:nbytes]

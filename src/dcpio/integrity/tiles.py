@@ -18,7 +18,6 @@ file offset of the tensor's first byte.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 import xxhash
 
 from dcpio.errors import CorruptCheckpointError
-from dcpio.tensor_bytes import byte_view
+from dcpio.tensor_bytes import byte_view, thread_scratch
 
 __all__ = ["TILE_ALGORITHM", "TILE_ATTRIBUTE", "TileChecksums", "choose_tiling", "hash_tiles"]
 
@@ -59,17 +58,6 @@ def choose_tiling(shape: tuple[int, ...], itemsize: int, block_size: int) -> tup
     return segments, max(1, (2 * block_size) // row_bytes)
 
 
-_local = threading.local()
-
-
-def _scratch(nbytes: int) -> torch.Tensor:
-    buf: torch.Tensor | None = getattr(_local, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        _local.buf = buf
-    return buf[:nbytes]
-
-
 def _word(seg_bytes: int) -> torch.dtype:
     """The widest integer type that tiles a segment: a gather of 8-byte words is several times faster than bytes."""
     for dtype in (torch.int64, torch.int32, torch.int16):
@@ -85,7 +73,7 @@ def _gathered(rows_u8: torch.Tensor, seg_bytes: int, first_seg: int, nsegs: int)
     word = _word(seg_bytes)
     w = seg_bytes // word.itemsize
     tile = g * seg_bytes
-    out = _scratch(nsegs * tile)
+    out = thread_scratch("tiles", nsegs * tile)
     src = rows_u8.narrow(1, first_seg * seg_bytes, nsegs * seg_bytes)
     if src.storage_offset() % word.itemsize or rows_u8.stride(0) % word.itemsize:
         word, w = torch.uint8, seg_bytes
@@ -122,10 +110,6 @@ class TileChecksums:
     @property
     def segment_bytes(self) -> int:
         return self.row_bytes // self.segments
-
-    @property
-    def groups(self) -> int:
-        return -(-self.rows // self.group_rows)
 
     def to_record(self) -> tuple[Any, ...]:
         fields = (self.data_start, self.rows, self.row_bytes, self.segments, self.group_rows)

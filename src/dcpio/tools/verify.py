@@ -238,7 +238,10 @@ def _check_tiles(info: Any, chunk: torch.Tensor, where: str) -> None:
     tiles = TileChecksums.from_record(record, where)
     rows = chunk.shape[0]
     if tiles.rows != rows or tiles.row_bytes * rows != chunk.numel() * chunk.element_size():
-        raise CorruptCheckpointError(f"{where}: the tile checksum record does not match the chunk's shape")
+        raise CorruptCheckpointError(
+            f"{where}: the tile checksum record ({tiles.rows} rows of {tiles.row_bytes} bytes) does not match the "
+            f"chunk's shape {list(chunk.shape)}; the metadata is damaged. Save the checkpoint again."
+        )
     if hash_tiles(chunk.contiguous(), tiles.segments, tiles.group_rows) != tiles.digests:
         raise CorruptCheckpointError(
             f"{where}: the tile checksums in .metadata disagree with the data (which its block checksums vouch for); "
