@@ -87,7 +87,7 @@ def test_save_load_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         for system in systems:
             fig = case["figures"][system]
             assert fig["unit"] == "GB/s"
-            assert len(fig["samples"]) == 1
+            assert len(fig["samples"]) == (1 if name.startswith("save") else bench.LOAD_REPEATS)
             assert fig["median"] > 0 and math.isfinite(fig["median"])
         assert "torch/raw" in case["ratios"]
         assert ("dcpio/raw" in case["ratios"]) == have_dcpio
