@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 import dcpio
 from dcpio.movers.local import mapped_bytes_read
 from dcpio.tools.verify import verify_checkpoint
-from helpers import run_stock
+from helpers import exception_chain, run_stock
 
 
 class _Into:
@@ -215,3 +215,31 @@ def test_column_slices_of_a_stock_torch_checkpoint_with_unaligned_records(tmp_pa
         for dtype in (orig[name].dtype, torch.float64):
             dest = _read_box(tmp_path, offsets, lengths, dtype, name=name)
             assert torch.equal(dest, want.to(dtype)), (name, dtype)
+
+
+def test_every_damaged_tensor_of_a_load_is_reported(tmp_path: Path) -> None:
+    """Workers keep going after a failure: a load over two damaged records (a large one and a small one, served by
+    different tasks) raises for one and names the other in a note; undamaged tensors are still loaded."""
+    gen = torch.Generator().manual_seed(11)
+    sd = {
+        "big": torch.randn(1024, 512, generator=gen),
+        "ok": torch.randn(1024, 512, generator=gen),
+        **{f"v{i}": torch.randn(64, generator=gen) for i in range(8)},
+    }
+    dcp.save(sd, storage_writer=dcpio.FileSystemWriter(tmp_path, thread_count=1))
+    storage = dcpio.FileSystemReader(tmp_path).read_metadata().storage_data
+    for fqn in ("big", "v5"):
+        info = next(i for idx, i in storage.items() if idx.fqn == fqn)
+        data_file = tmp_path / info.relative_path
+        raw = bytearray(data_file.read_bytes())
+        raw[info.offset + info.dcpio_checksum[5] + 100] ^= 0x10  # a data byte
+        data_file.write_bytes(bytes(raw))
+    out = {k: torch.zeros_like(v) for k, v in sd.items()}
+    with pytest.raises(BaseException) as info_:
+        dcp.load(out, storage_reader=dcpio.FileSystemReader(tmp_path, thread_count=2))
+    corrupt = [e for e in exception_chain(info_.value) if isinstance(e, dcpio.CorruptCheckpointError)]
+    assert corrupt, f"no CorruptCheckpointError in {info_.value!r}"
+    text = str(corrupt[0]) + " ".join(getattr(corrupt[0], "__notes__", []))
+    assert "'big'" in text and "'v5'" in text, text
+    assert "also failed" in text
+    assert torch.equal(out["ok"], sd["ok"]) and torch.equal(out["v4"], sd["v4"])

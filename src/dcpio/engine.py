@@ -18,11 +18,12 @@ save created is removed before the first error is raised (the others are attache
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -814,6 +815,34 @@ class _HandleCache:
         self._open.clear()
 
 
+def _run_all(tasks: Sequence[Callable[[], None]], threads: int) -> list[BaseException]:
+    """Run every task on up to ``threads`` workers and return every error, in task order.
+
+    Each worker takes the next task from a shared queue, so the caller hands out nothing while they run: a
+    submitting thread would hold the GIL that a worker needs back after each read (and make it wait out the
+    interpreter's switch interval).
+    """
+    queue = collections.deque(enumerate(tasks))
+    failed: list[tuple[int, BaseException]] = []
+
+    def worker() -> None:
+        while True:
+            try:
+                index, task = queue.popleft()
+            except IndexError:
+                return
+            try:
+                task()
+            except BaseException as err:  # every task runs; errors are raised together by the caller
+                failed.append((index, err))
+
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="dcpio-r") as pool:
+        workers = [pool.submit(worker) for _ in range(max(1, min(threads, len(tasks))))]
+        for fut in workers:
+            fut.result()
+    return [err for _, err in sorted(failed, key=lambda f: f[0])]
+
+
 def read_plan(
     fs: FileSystemBase,
     items: Sequence[ReadItem],
@@ -853,42 +882,41 @@ def read_plan(
 
     ordered = sorted(groups.values(), key=lambda g: g.info.length, reverse=True)
     handles = _HandleCache(fs)
-    errors: list[BaseException] = []
-    bytes_results: list[tuple[_Group, Future[bytes]]] = []
+    small: list[tuple[str, _Group]] = []
+    large: list[tuple[str, _Group]] = []
+    byte_groups: list[tuple[str, _Group]] = []
+    # on object stores records up to a quarter part are batched too: neighbours share a request
+    store_batch_limit = knobs.s3_part_size() // 4
+    on_store = False
+    for group in ordered:
+        path = path_of(group.info.relative_path)
+        if group.requests[0].type == LoadItemType.BYTE_IO:
+            byte_groups.append((path, group))
+            continue
+        on_store = handles(path).prefers_large_reads
+        limit = store_batch_limit if on_store else _SMALL_ITEM
+        (small if group.info.length <= limit else large).append((path, group))
+    tasks: list[Callable[[], None]] = []
+    # small records in batches, in file order (neighbours share a read), queued first: locally they are Python work
+    # under the GIL, which overlaps best with the other threads' large copies (those release it); left for the end,
+    # batches contend with each other (a 1 GiB load: 3 ms faster this way). One batch per thread locally; four per
+    # thread on object stores, where each waits on the network
+    small.sort(key=lambda pg: (pg[0], pg[1].info.offset))
+    batches = max(1, opts.threads) * (4 if on_store else 1)
+    per_batch = max(1, -(-len(small) // batches))
+    for i in range(0, len(small), per_batch):
+        tasks.append(functools.partial(_load_small_groups, fs, small[i : i + per_batch], targets, opts, handles))
+    for path, group in large:  # largest first, so the long reads start early
+        tasks.append(functools.partial(_load_tensor_group, fs, path, group, targets, opts, handles))
+    byte_data: dict[int, bytes] = {}
+
+    def load_bytes(path: str, group: _Group) -> None:
+        byte_data[id(group)] = _load_bytes_group(path, group, opts, handles)
+
+    tasks += [functools.partial(load_bytes, path, group) for path, group in byte_groups]
     try:
-        with gc_paused(), ThreadPoolExecutor(max_workers=max(1, opts.threads), thread_name_prefix="dcpio-r") as pool:
-            futures: list[Future[Any]] = []
-            small: list[tuple[str, _Group]] = []
-            large: list[tuple[str, _Group]] = []
-            # on object stores records up to a quarter part are batched too: neighbours share a request
-            store_batch_limit = knobs.s3_part_size() // 4
-            on_store = False
-            for group in ordered:
-                path = path_of(group.info.relative_path)
-                if group.requests[0].type == LoadItemType.BYTE_IO:
-                    fut_b = pool.submit(_load_bytes_group, path, group, opts, handles)
-                    bytes_results.append((group, fut_b))
-                    futures.append(fut_b)
-                    continue
-                on_store = handles(path).prefers_large_reads
-                limit = store_batch_limit if on_store else _SMALL_ITEM
-                (small if group.info.length <= limit else large).append((path, group))
-            # small records in batches, in file order (neighbours share a read), submitted first: locally they are
-            # Python work under the GIL, which overlaps best with the other threads' large copies (those release
-            # it); left for the end, batches contend with each other (a 1 GiB load: 3 ms faster this way). One
-            # batch per thread locally; four per thread on object stores, where each waits on the network
-            small.sort(key=lambda pg: (pg[0], pg[1].info.offset))
-            tasks = max(1, opts.threads) * (4 if on_store else 1)
-            per_task = max(1, -(-len(small) // tasks))
-            for i in range(0, len(small), per_task):
-                futures.append(pool.submit(_load_small_groups, fs, small[i : i + per_task], targets, opts, handles))
-            for path, group in large:  # largest first, so the long reads start early
-                futures.append(pool.submit(_load_tensor_group, fs, path, group, targets, opts, handles))
-            for fut in futures:
-                try:
-                    fut.result()
-                except BaseException as err:  # every worker is awaited; errors are raised together below
-                    errors.append(err)
+        with gc_paused():
+            errors = _run_all(tasks, opts.threads)
     finally:
         handles.close()
     if errors:
@@ -897,8 +925,8 @@ def read_plan(
             first.add_note(f"also failed: {type(other).__name__}: {other}")
         raise first
 
-    for group, fut_b in bytes_results:
-        data = fut_b.result()
+    for _, group in byte_groups:
+        data = byte_data[id(group)]
         for req in group.requests:
             check_bytes(req, data)
             planner.load_bytes(req, io.BytesIO(data))
