@@ -27,7 +27,15 @@ import xxhash
 from dcpio.errors import CorruptCheckpointError
 from dcpio.tensor_bytes import byte_view, thread_scratch
 
-__all__ = ["TILE_ALGORITHM", "TILE_ATTRIBUTE", "TileChecksums", "choose_tiling", "hash_tiles"]
+__all__ = [
+    "TILE_ALGORITHM",
+    "TILE_ATTRIBUTE",
+    "TileChecksums",
+    "choose_tiling",
+    "data_rows",
+    "hash_tile_group",
+    "hash_tiles",
+]
 
 TILE_ALGORITHM = "xxh3-64-tiles"
 TILE_ATTRIBUTE = "dcpio_tiles"
@@ -82,18 +90,25 @@ def _gathered(rows_u8: torch.Tensor, seg_bytes: int, first_seg: int, nsegs: int)
     return byte_view(out), tile
 
 
+def data_rows(data: torch.Tensor) -> torch.Tensor:
+    """A C-contiguous CPU tensor's bytes as a ``(rows, row_bytes)`` uint8 tensor (rows along dimension 0)."""
+    return data.reshape(data.shape[0], -1).view(torch.uint8)
+
+
+def hash_tile_group(rows_u8: torch.Tensor, segments: int) -> bytes:
+    """The digests of one row group's tiles, segment after segment (``rows_u8``: the group's ``(g, row_bytes)``
+    uint8 rows)."""
+    view, tile = _gathered(rows_u8, rows_u8.shape[1] // segments, 0, segments)
+    return b"".join(xxhash.xxh3_64_digest(view[s * tile : (s + 1) * tile]) for s in range(segments))
+
+
 def hash_tiles(data: torch.Tensor, segments: int, group_rows: int) -> bytes:
     """Tile digests of a C-contiguous CPU tensor, group after group, segment after segment."""
-    rows = data.shape[0]
-    u8 = data.reshape(rows, -1).view(torch.uint8)
-    seg_bytes = u8.shape[1] // segments
-    digests = bytearray()
-    for r0 in range(0, rows, group_rows):
-        g = min(group_rows, rows - r0)
-        view, tile = _gathered(u8.narrow(0, r0, g), seg_bytes, 0, segments)
-        for s in range(segments):
-            digests += xxhash.xxh3_64_digest(view[s * tile : (s + 1) * tile])
-    return bytes(digests)
+    u8 = data_rows(data)
+    rows = u8.shape[0]
+    return b"".join(
+        hash_tile_group(u8.narrow(0, r0, min(group_rows, rows - r0)), segments) for r0 in range(0, rows, group_rows)
+    )
 
 
 @dataclass(frozen=True)
