@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from dcpio import knobs
 
-__all__ = ["GcPause", "end_gc_pause", "gc_paused", "pauses_held", "start_gc_pause"]
+__all__ = ["GcPause", "end_gc_pause", "gc_paused", "pauses_held", "raise_first", "run_queued", "start_gc_pause"]
 
 # One process-wide pause count: overlapping pauses (two loads in two threads, a load inside a save's planning)
 # neither re-enable the collector early nor leave it off.
@@ -98,3 +100,47 @@ def end_gc_pause(owner: object) -> None:
     if pause is not None:
         owner._dcpio_gc_pause = None  # type: ignore[attr-defined]
         pause.release()
+
+
+def run_queued(
+    tasks: Sequence[Callable[[], None]], threads: int, *, keep_going: bool = True, name: str = "dcpio"
+) -> list[BaseException]:
+    """Run ``tasks`` on up to ``threads`` workers; return every error raised, in task order.
+
+    Each worker takes the next task from a shared queue, so the calling thread hands out nothing while they run: a
+    thread submitting one future per task holds the GIL that each worker needs back after every read or write, and
+    the worker then waits out the interpreter's switch interval (5 ms). With ``keep_going=False`` the workers stop
+    taking tasks after the first error.
+    """
+    queue = collections.deque(enumerate(tasks))
+    failed: list[tuple[int, BaseException]] = []
+
+    def worker() -> None:
+        while keep_going or not failed:
+            try:
+                index, task = queue.popleft()
+            except IndexError:
+                return
+            try:
+                task()
+            except BaseException as err:  # reported by the caller, with every other error
+                failed.append((index, err))
+
+    workers = max(1, min(threads, len(tasks)))
+    if workers == 1:
+        worker()
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
+            for fut in [pool.submit(worker) for _ in range(workers)]:
+                fut.result()
+    return [err for _, err in sorted(failed, key=lambda f: f[0])]
+
+
+def raise_first(errors: Sequence[BaseException]) -> None:
+    """Raise the first of ``errors`` (if any) with the others attached as notes, so that none is lost."""
+    if not errors:
+        return
+    first = errors[0]
+    for other in errors[1:]:
+        first.add_note(f"also failed: {type(other).__name__}: {other}")
+    raise first

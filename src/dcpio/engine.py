@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 
 from dcpio import knobs
-from dcpio._runtime import gc_paused
+from dcpio._runtime import gc_paused, raise_first, run_queued
 from dcpio.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError, PlanMismatchError
 from dcpio.formats.torch_save import (
     ZIP_MAGIC,
@@ -850,34 +850,6 @@ class _HandleCache:
         self._open.clear()
 
 
-def _run_all(tasks: Sequence[Callable[[], None]], threads: int) -> list[BaseException]:
-    """Run every task on up to ``threads`` workers and return every error, in task order.
-
-    Each worker takes the next task from a shared queue, so the caller hands out nothing while they run: a
-    submitting thread would hold the GIL that a worker needs back after each read (and make it wait out the
-    interpreter's switch interval).
-    """
-    queue = collections.deque(enumerate(tasks))
-    failed: list[tuple[int, BaseException]] = []
-
-    def worker() -> None:
-        while True:
-            try:
-                index, task = queue.popleft()
-            except IndexError:
-                return
-            try:
-                task()
-            except BaseException as err:  # every task runs; errors are raised together by the caller
-                failed.append((index, err))
-
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="dcpio-r") as pool:
-        workers = [pool.submit(worker) for _ in range(max(1, min(threads, len(tasks))))]
-        for fut in workers:
-            fut.result()
-    return [err for _, err in sorted(failed, key=lambda f: f[0])]
-
-
 def read_plan(
     fs: FileSystemBase,
     items: Sequence[ReadItem],
@@ -951,14 +923,10 @@ def read_plan(
     tasks += [functools.partial(load_bytes, path, group) for path, group in byte_groups]
     try:
         with gc_paused():
-            errors = _run_all(tasks, opts.threads)
+            errors = run_queued(tasks, opts.threads, name="dcpio-r")
     finally:
         handles.close()
-    if errors:
-        first = errors[0]
-        for other in errors[1:]:
-            first.add_note(f"also failed: {type(other).__name__}: {other}")
-        raise first
+    raise_first(errors)
 
     for _, group in byte_groups:
         data = byte_data[id(group)]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import itertools
 import json
 import math
@@ -34,7 +35,6 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -62,7 +62,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from dcpio import knobs
-from dcpio._runtime import gc_paused
+from dcpio._runtime import gc_paused, raise_first, run_queued
 from dcpio.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -118,17 +118,17 @@ def _join(fs: FileSystemBase, directory: str, name: str) -> str:
 
 
 def _parallel(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:
-    """``fn`` over ``items`` on at most ``threads`` threads, results in order; the first failure propagates."""
-    if threads <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="dcpio-hf") as pool:
-        futures = [pool.submit(fn, item) for item in items]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    """``fn`` over ``items`` on at most ``threads`` threads, results in order; after a failure no new item starts,
+    and the first failure is raised with any others attached as notes."""
+    results: list[Any] = [None] * len(items)
+
+    def task(i: int) -> None:
+        results[i] = fn(items[i])
+
+    raise_first(
+        run_queued([functools.partial(task, i) for i in range(len(items))], threads, keep_going=False, name="dcpio-hf")
+    )
+    return results
 
 
 def _done(value: Any) -> Future[Any]:
