@@ -115,6 +115,9 @@ def test_table_and_async_peak(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert len(asyncs["figures"]["clone (memcpy)"]["samples"]) == 1
     assert len(asyncs["figures"]["torch"]["samples"]) == 1
     assert "torch/clone (memcpy)" in asyncs["ratios"]
+    assert asyncs["errors"] == [e for e in asyncs["errors"] if e.startswith("torch ")]  # torch's cached mode needs CUDA
+    assert len(asyncs["figures"][bench.NESTED]["samples"]) == 1
+    assert f"{bench.NESTED}/copy_ into preallocated" in asyncs["ratios"]
     peak = result["cases"]["peak"]
     assert peak["errors"] == []
     assert peak["figures"]["torch overhead"]["unit"] == "MiB"
