@@ -87,7 +87,7 @@ def test_save_load_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         for system in systems:
             fig = case["figures"][system]
             assert fig["unit"] == "GB/s"
-            assert len(fig["samples"]) == (1 if name.startswith("save") else bench.LOAD_REPEATS)
+            assert len(fig["samples"]) == (1 if name.startswith("save") else bench.QUICK_REPEATS)
             assert fig["median"] > 0 and math.isfinite(fig["median"])
         assert "torch/raw" in case["ratios"]
         assert ("dcpio/raw" in case["ratios"]) == have_dcpio
@@ -112,11 +112,11 @@ def test_table_and_async_peak(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "bars (issue 3" in table
     result = json.loads((tmp_path / "out.json").read_text())
     asyncs = result["cases"]["async"]
-    assert len(asyncs["figures"]["clone (memcpy)"]["samples"]) == 1
-    assert len(asyncs["figures"]["torch"]["samples"]) == 1
+    assert len(asyncs["figures"]["clone (memcpy)"]["samples"]) == bench.QUICK_REPEATS
+    assert len(asyncs["figures"]["torch"]["samples"]) == bench.QUICK_REPEATS
     assert "torch/clone (memcpy)" in asyncs["ratios"]
     assert asyncs["errors"] == [e for e in asyncs["errors"] if e.startswith("torch ")]  # torch's cached mode needs CUDA
-    assert len(asyncs["figures"][bench.NESTED]["samples"]) == 1
+    assert len(asyncs["figures"][bench.NESTED]["samples"]) == bench.QUICK_REPEATS
     assert f"{bench.NESTED}/copy_ into preallocated" in asyncs["ratios"]
     peak = result["cases"]["peak"]
     assert peak["errors"] == []

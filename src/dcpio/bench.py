@@ -13,12 +13,12 @@ Cases (``--cases``):
   on ``--dir``.
 - ``load``: ``dcp.load`` into preallocated tensors with each reader's default options (dcpio verifies
   checksums) against raw ``readinto`` of one file into the same preallocated tensors; page cache warmed first.
-  Each round times three loads per system (``LOAD_REPEATS``), alternating.
+  Each round times three loads per system (``QUICK_REPEATS``), alternating.
 - ``reshard``: real gloo processes on 127.0.0.1: 2 ranks save ``Shard(0)`` and 2 ranks load ``Shard(1)``; then
   4 ranks to 2. Bytes read per rank come from ``/proc/self/io`` ``rchar`` deltas around ``dcp.load`` inside
   each rank.
 - ``async``: time until ``dcp.async_save`` returns, against one ``clone()`` of the state dict; again with
-  ``cache_staged_state_dict=True`` from the second save on.
+  ``cache_staged_state_dict=True`` from the second save on. Three timings of each per round (``QUICK_REPEATS``).
 - ``peak``: peak RSS of a fresh subprocess during ``dcp.save`` of the state dict, over its RSS just before it.
 - ``hf``: a safetensors hub folder loaded into preallocated tensors (dcpio's and torch's HF readers against
   ``safetensors.torch.load_file`` + ``copy_``) and exported (HF writers against ``save_file`` and raw writes).
@@ -73,7 +73,7 @@ __all__ = [
 ]
 
 ALL_CASES = ("save", "load", "reshard", "async", "peak", "hf", "s3")
-LOAD_REPEATS = 3  # timed loads per system per round (save/load cases)
+QUICK_REPEATS = 3  # timed repetitions per system per round of the quick cases: loads and async_save blocking
 NESTED = "dcpio cached, one top-level key"
 SYSTEMS = ("dcpio", "torch", "raw")
 MIB = 1 << 20
@@ -576,9 +576,9 @@ def _case_save_load(
                     _log(f"save/{dev.key} round {r + 1}/{cfg.rounds} {system}: {rate:.3f} GB/s")
             if not want_load:
                 continue
-            # a load takes a tenth of a save: each round times LOAD_REPEATS of them per system, alternating, so the
+            # a load takes a tenth of a save: each round times QUICK_REPEATS of them per system, alternating, so the
             # medians rest on more pairs than the saves'
-            for rep in range(LOAD_REPEATS):
+            for rep in range(QUICK_REPEATS):
                 for system in _rotated(systems, r + rep):
                     if not os.path.exists(paths[system]):
                         continue
@@ -779,7 +779,8 @@ def _case_async(cfg: BenchConfig, state: dict[str, Any], root: str) -> CaseResul
             case.errors.append(f"dcpio cached, one top-level key, warm-up: {type(err).__name__}: {err}")
             nested_writer = None
         _rmtree(os.path.join(root, "async-nested-warm"))
-    for r in range(cfg.rounds):
+    # an async_save blocks for a tenth of a second: QUICK_REPEATS sub-rounds per round, each timing every variant
+    for r in range(cfg.rounds * QUICK_REPEATS):
         case.figure("clone (memcpy)", "s", higher_is_better=False).samples.append(_timed(clone))
         case.figure("copy_ into preallocated", "s", higher_is_better=False).samples.append(_timed(copy_into))
         for system in _rotated(systems, r):
@@ -812,7 +813,7 @@ def _case_async(cfg: BenchConfig, state: dict[str, Any], root: str) -> CaseResul
             except Exception as err:
                 case.errors.append(f"round {r} {NESTED}: {type(err).__name__}: {err}")
             _rmtree(path)
-        _log(f"async round {r + 1}/{cfg.rounds} done")
+        _log(f"async round {r // QUICK_REPEATS + 1}/{cfg.rounds} #{r % QUICK_REPEATS + 1} done")
     for label in ("dcpio", "dcpio cached", "torch", "torch cached", NESTED):
         _paired_ratio(case, label, "clone (memcpy)")
     for label in ("dcpio cached", NESTED):
