@@ -243,3 +243,19 @@ def test_every_damaged_tensor_of_a_load_is_reported(tmp_path: Path) -> None:
     assert "'big'" in text and "'v5'" in text, text
     assert "also failed" in text
     assert torch.equal(out["ok"], sd["ok"]) and torch.equal(out["v4"], sd["v4"])
+
+
+def test_read_scratch_buffers_do_not_outlive_the_load(tmp_path: Path) -> None:
+    """Reads run on pool threads even with one thread, so per-thread scratch buffers (shared small-record reads,
+    strided boxes) are freed with them instead of staying attached to the caller's thread."""
+    import dcpio.tensor_bytes as tb
+
+    gen = torch.Generator().manual_seed(12)
+    sd = {f"v{i}": torch.randn(256, generator=gen) for i in range(6)}
+    sd["m"] = torch.randn(64, 48, generator=gen).t()  # stored with its transposed strides: read through scratch
+    dcp.save(sd, storage_writer=dcpio.FileSystemWriter(tmp_path, thread_count=1))
+    before = dict(getattr(tb._scratch, "buffers", {}))
+    out = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in sd.items()}
+    dcp.load(out, storage_reader=dcpio.FileSystemReader(tmp_path, thread_count=1))
+    assert all(torch.equal(out[k], sd[k]) for k in sd)
+    assert dict(getattr(tb._scratch, "buffers", {})) == before

@@ -126,13 +126,13 @@ def run_queued(
             except BaseException as err:  # reported by the caller, with every other error
                 failed.append((index, err))
 
+    if not tasks:
+        return []
+    # always on pool threads, even one: per-thread scratch buffers (tensor_bytes.thread_scratch) then die with them
     workers = max(1, min(threads, len(tasks)))
-    if workers == 1:
-        worker()
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
-            for fut in [pool.submit(worker) for _ in range(workers)]:
-                fut.result()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
+        for fut in [pool.submit(worker) for _ in range(workers)]:
+            fut.result()
     return [err for _, err in sorted(failed, key=lambda f: f[0])]
 
 
