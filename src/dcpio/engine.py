@@ -2,7 +2,7 @@
 
 The writer and reader (protocol classes) decide *what* goes *where*; this module does the moving:
 
-* **Save**: one task per data file on a bounded ``ThreadPoolExecutor``. Each tensor item is written as a
+* **Save**: one task per data file on a bounded pool of threads. Each tensor item is written as a
   ``torch.save``-compatible record whose envelope dcpio builds itself (:mod:`dcpio.formats.torch_save`) around the
   tensor's own memory, handed to ``os.writev`` unchanged, 2 MiB of rows at a time: each slice is hashed into its
   checksum blocks (and tiles) and written while it is in the CPU cache.
@@ -25,7 +25,6 @@ import io
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,31 +258,25 @@ def write_files(
     fs: FileSystemBase, jobs: Sequence[FileJob], planner: SavePlanner, opts: WriteOptions
 ) -> list[WriteResult]:
     """Write every job's file; on any failure remove all of this save's files and raise the first error."""
-    results: list[WriteResult] = []
-    errors: list[BaseException] = []
-    if not jobs:
-        return results
-    with (
-        gc_paused(),
-        ThreadPoolExecutor(max_workers=max(1, min(opts.threads, len(jobs))), thread_name_prefix="dcpio-w") as pool,
-    ):
-        futures = [pool.submit(_write_one_file, fs, job, planner, opts) for job in jobs]
-        for job, fut in zip(jobs, futures):
-            try:
-                results += fut.result()
-            except BaseException as err:  # collected, the save is rolled back, then re-raised below
-                if not errors:
-                    for pending in futures:
-                        pending.cancel()
-                errors.append(_name_file(err, job.path))
+    per_job: list[list[WriteResult]] = [[] for _ in jobs]
+
+    def write_one(i: int) -> None:
+        try:
+            per_job[i] = _write_one_file(fs, jobs[i], planner, opts)
+        except BaseException as err:  # named after its file, then rolled back and re-raised by the caller
+            named = _name_file(err, jobs[i].path)
+            if named is err:
+                raise
+            raise named from err
+
+    with gc_paused():
+        tasks = [functools.partial(write_one, i) for i in range(len(jobs))]
+        errors = run_queued(tasks, opts.threads, keep_going=False, name="dcpio-w")
     if errors:
         for job in jobs:
             fs.remove_quietly(job.path)
-        first = errors[0]
-        for later in errors[1:]:
-            first.add_note(f"also failed: {type(later).__name__}: {later}")
-        raise first
-    return results
+        raise_first(errors)
+    return [result for results in per_job for result in results]
 
 
 def _name_file(err: BaseException, path: str) -> BaseException:
@@ -419,15 +412,13 @@ def _load_tensor_group(
         # one read for the whole record instead of header, directory and data reads: small items are syscall-bound
         stored = memoryview(bytearray(info.length))
         handle.readinto(base, stored)
-        if _serve_stored_record(stored, group, targets, opts, handle.path, where):
+        if _serve_stored_record(stored, group, sums, targets, opts, handle.path, where):
             return
 
     if sums is not None and sums.head_length > 0 and opts.verify and sums.base == base:
         # a record dcpio wrote: its checksummed head alone says where the data is (one small read)
         head = handle.read(base, sums.head_length)
-        sums.check_head(head, handle.path, where)
-        rec = parse_verified_head(head, info.length, where)
-        _check_expected(rec, group.requests[0].storage_index, opts, where)
+        rec = _dcpio_head(head, sums, info.length, group.requests[0].storage_index, opts, handle.path, where)
         tiles = _tile_sums_of(info, where)
         for req in group.requests:
             target = targets[id(req)]
@@ -460,22 +451,24 @@ def _tensor_where(group: _Group) -> str:
 
 
 def _serve_stored_record(
-    stored: memoryview, group: _Group, targets: dict[int, torch.Tensor], opts: ReadOptions, path: str, where: str
+    stored: memoryview,
+    group: _Group,
+    sums: BlockChecksums | None,
+    targets: dict[int, torch.Tensor],
+    opts: ReadOptions,
+    path: str,
+    where: str,
 ) -> bool:
     """Serve ``group`` from its whole stored item, already in memory: verify its blocks, then copy out of the
     ``torch.save`` record. False (nothing done) when the item is not a ``torch.save`` record."""
     if stored[:4] != ZIP_MAGIC:
         return False
-    sums = _checksums(group.info, where)
     if opts.verify and sums is not None:
         verify_pieces(sums, [(group.info.offset, stored)], path, where)
     if sums is not None and 0 < sums.head_length <= len(stored) and sums.base == group.info.offset:
         # a record dcpio wrote: its (checked) head locates the data, no directory walk
         head = bytes(stored[: sums.head_length])
-        if opts.verify:
-            sums.check_head(head, path, where)
-        rec = parse_verified_head(head, len(stored), where)
-        _check_expected(rec, group.requests[0].storage_index, opts, where)
+        rec = _dcpio_head(head, sums, len(stored), group.requests[0].storage_index, opts, path, where)
         if _copy_whole(stored, rec, group, targets):
             return True
     _copy_from_record_bytes(stored, group, targets, where, opts)
@@ -489,13 +482,7 @@ def _copy_whole(stored: memoryview, rec: TensorRecord, group: _Group, targets: d
         return False
     req = group.requests[0]
     target = targets[id(req)]
-    if (
-        any(req.storage_offsets)
-        or tuple(req.lengths) != tuple(rec.size)
-        or tuple(target.shape) != tuple(rec.size)
-        or target.dtype != rec.dtype
-        or not is_dense_cpu(target)
-    ):
+    if not _wants_all(req, target, rec.dtype, rec.size):
         return False
     nbytes = math.prod(rec.size) * rec.dtype.itemsize
     if nbytes != rec.data_length or rec.data_offset + nbytes > len(stored):
@@ -503,6 +490,19 @@ def _copy_whole(stored: memoryview, rec: TensorRecord, group: _Group, targets: d
     if nbytes:
         byte_view(target)[:] = stored[rec.data_offset : rec.data_offset + nbytes]
     return True
+
+
+def _wants_all(req: ReadItem, target: torch.Tensor, dtype: torch.dtype, size: Sequence[int]) -> bool:
+    """The request asks for the whole stored chunk (``size``), into a dense CPU tensor of ``dtype`` and that shape,
+    so the stored bytes can land in the destination as they are."""
+    whole = tuple(size)
+    return (
+        not any(req.storage_offsets)
+        and tuple(req.lengths) == whole
+        and tuple(target.shape) == whole
+        and target.dtype == dtype
+        and is_dense_cpu(target)
+    )
 
 
 def _read_whole_record(
@@ -528,9 +528,7 @@ def _read_whole_record(
     req = group.requests[0]
     expected = opts.expected(req.storage_index)
     target = targets[id(req)]
-    if expected is None or target.dtype != expected[0] or not is_dense_cpu(target):
-        return False
-    if any(req.storage_offsets) or tuple(req.lengths) != tuple(expected[1]) or tuple(target.shape) != expected[1]:
+    if expected is None or not _wants_all(req, target, *expected):
         return False
     data = byte_view(target)
     head = memoryview(bytearray(sums.head_length))
@@ -544,12 +542,28 @@ def _read_whole_record(
         verify_pieces(
             sums, [(base, head), (base + len(head), data), (base + len(head) + len(data), tail)], handle.path, where
         )
-        sums.check_head(bytes(head), handle.path, where)
-    rec = parse_verified_head(bytes(head), info.length, where)
-    _check_expected(rec, req.storage_index, opts, where)
+    rec = _dcpio_head(bytes(head), sums, info.length, req.storage_index, opts, handle.path, where)
     if rec.data_length != len(data) or rec.storage_offset or not rec.is_c_contiguous:
         raise CorruptCheckpointError(f"{where}: the record's layout does not match its metadata")
     return True
+
+
+def _dcpio_head(
+    head: bytes,
+    sums: BlockChecksums,
+    item_length: int,
+    index: MetadataIndex,
+    opts: ReadOptions,
+    path: str,
+    where: str,
+) -> TensorRecord:
+    """The record a dcpio-written head describes: the head checked against its digest (when verifying), parsed,
+    and held to the dtype and shape the metadata promises."""
+    if opts.verify:
+        sums.check_head(head, path, where)
+    rec = parse_verified_head(head, item_length, where)
+    _check_expected(rec, index, opts, where)
+    return rec
 
 
 def _check_expected(rec: TensorRecord, index: MetadataIndex, opts: ReadOptions, where: str) -> None:
@@ -623,7 +637,9 @@ def _load_small_groups(
         for p, group in run:
             info = group.info
             stored = buf[info.offset - start : info.offset - start + info.length]
-            if not _serve_stored_record(stored, group, targets, opts, handle.path, _tensor_where(group)):
+            where = _tensor_where(group)
+            sums = _checksums(info, where)
+            if not _serve_stored_record(stored, group, sums, targets, opts, handle.path, where):
                 _load_tensor_group(fs, p, group, targets, opts, handles)  # SAFETENSORS layout: the general path
 
 
