@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,12 @@ def test_reshard_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         if bench.dcpio_attr("FileSystemReader") is not None:
             assert case["info"]["dcpio_verified_bit_exact"] is True
             assert "speedup torch/dcpio" in case["ratios"]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity (Linux)")
+def test_even_free_pages_touches_memory_on_every_cpu_and_leaves_the_caller_alone() -> None:
+    mine = os.sched_getaffinity(0)
+    assert bench.even_free_pages(0) == []
+    ran_on = bench.even_free_pages(1 << 20)
+    assert ran_on == [{cpu} for cpu in sorted(mine)]  # one thread pinned to each CPU this process may use
+    assert os.sched_getaffinity(0) == mine

@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -501,7 +502,48 @@ def _systems_available() -> list[str]:
     return have
 
 
-def _timed(fn: Callable[[], Any]) -> float:
+def even_free_pages(nbytes: int) -> list[set[int]]:
+    """Leave about ``nbytes`` of just-freed memory on every CPU's free-page list before a timed write.
+
+    Why: Linux keeps freed pages on per-CPU lists (``pcp``; 900 MiB each on the 2-core VM of the README table),
+    and on a VM whose host takes back free memory a write that misses its CPU's list lands on pages the host
+    has to fault in again: a 1 GiB tmpfs write then runs at 0.4-1.7 GB/s instead of 3. Deleting the previous
+    checkpoint on the bench's main thread filled only that CPU's list, so single-threaded writers (raw, torch)
+    got hot pages and dcpio's worker threads on the other CPU often did not. A thread pinned to each CPU
+    touches and frees ``nbytes`` here, so every writer starts from the same state whichever CPU it runs on.
+    Where threads cannot be pinned (no ``sched_setaffinity``), one unpinned thread does it.
+
+    Returns the CPU set each touching thread ran on (empty for ``nbytes <= 0``).
+    """
+    if nbytes <= 0:
+        return []
+    setaffinity = getattr(os, "sched_setaffinity", None)
+    cpus: list[int | None] = [None]
+    if setaffinity is not None:
+        cpus = list(sorted(os.sched_getaffinity(0))) or [None]
+    ran_on: list[set[int]] = [set() for _ in cpus]
+
+    def touch(i: int, cpu: int | None) -> None:
+        if cpu is not None and setaffinity is not None:
+            setaffinity(0, {cpu})  # 0 is the calling thread: the bench's own threads keep their CPUs
+            ran_on[i] = set(os.sched_getaffinity(0))
+        block = torch.empty(nbytes, dtype=torch.uint8)
+        block.fill_(1)
+        del block
+
+    threads = [
+        threading.Thread(target=touch, args=(i, cpu), name=f"dcpio-bench-pages-{i}") for i, cpu in enumerate(cpus)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return ran_on
+
+
+def _timed(fn: Callable[[], Any], fresh_pages: int = 0) -> float:
+    """Seconds ``fn`` takes, after a collection and, for a write of ``fresh_pages`` bytes, :func:`even_free_pages`."""
+    even_free_pages(fresh_pages)
     gc.collect()
     start = time.perf_counter()
     fn()
@@ -566,7 +608,7 @@ def _case_save_load(
                 if not dev.fast:
                     os.sync()  # start each timed save with no one's dirty pages pending on the disk
                 try:
-                    seconds = _timed(functools.partial(_save_one, system, state, paths[system]))
+                    seconds = _timed(functools.partial(_save_one, system, state, paths[system]), nbytes)
                 except Exception as err:  # one system failing must not hide the others' figures
                     save.errors.append(f"round {r} {system}: {type(err).__name__}: {err}")
                     continue
@@ -736,6 +778,7 @@ def _case_async(cfg: BenchConfig, state: dict[str, Any], root: str) -> CaseResul
     if "dcpio" not in systems:
         case.notes.append("dcpio side not measured: dcpio.FileSystemWriter not in this checkout")
     tensors = _tensor_items(state)
+    nbytes = _state_nbytes(state)
     preallocated = [torch.empty_like(t) for _, t in tensors]
 
     def clone() -> None:
@@ -781,12 +824,13 @@ def _case_async(cfg: BenchConfig, state: dict[str, Any], root: str) -> CaseResul
         _rmtree(os.path.join(root, "async-nested-warm"))
     # an async_save blocks for a tenth of a second: QUICK_REPEATS sub-rounds per round, each timing every variant
     for r in range(cfg.rounds * QUICK_REPEATS):
-        case.figure("clone (memcpy)", "s", higher_is_better=False).samples.append(_timed(clone))
+        case.figure("clone (memcpy)", "s", higher_is_better=False).samples.append(_timed(clone, nbytes))
         case.figure("copy_ into preallocated", "s", higher_is_better=False).samples.append(_timed(copy_into))
         for system in _rotated(systems, r):
             counter += 1
             path = os.path.join(root, f"async-{system}-{counter}")
             try:
+                even_free_pages(nbytes)  # the clone and the uncached stagers allocate: same pages for each
                 gc.collect()
                 case.figure(f"{system}", "s", higher_is_better=False).samples.append(
                     blocking(make_writer(system, path), path)
@@ -823,7 +867,7 @@ def _case_async(cfg: BenchConfig, state: dict[str, Any], root: str) -> CaseResul
             f"'{NESTED}': the same tensors passed as {{'model': state_dict}} (information, no bar); torch's "
             "async_save wraps every top-level key in a logging call before staging"
         )
-    case.info["bytes"] = _state_nbytes(state)
+    case.info["bytes"] = nbytes
     return case
 
 
@@ -945,7 +989,7 @@ def _case_hf(cfg: BenchConfig, state: dict[str, Any], root: str) -> list[CaseRes
             path = os.path.join(root, f"export-{r}-{re.sub(r'[^a-z]', '', name)}")
             try:
                 with _quiet():
-                    seconds = _timed(functools.partial(exporters[name], path))
+                    seconds = _timed(functools.partial(exporters[name], path), nbytes)
             except Exception as err:
                 export.errors.append(f"round {r} {name}: {type(err).__name__}: {err}")
                 continue
