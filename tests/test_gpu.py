@@ -47,3 +47,22 @@ def test_cuda_async_save_with_cached_pinned_staging(tmp_path: Path) -> None:
     out = {"w": torch.zeros(1024, 1024)}
     dcp.load(out, storage_reader=dcpio.FileSystemReader(tmp_path / "b"))
     assert torch.equal(out["w"], expected)
+
+
+def test_cuda_cached_staging_waits_for_every_queued_copy(tmp_path: Path) -> None:
+    # 64 x 8 MiB copies are queued without waiting one by one; the background write must still see every byte
+    state = {f"w{i}": torch.randn(2048, 1024, device="cuda") for i in range(64)}
+    writer = dcpio.FileSystemWriter(tmp_path / "a", cache_staged_state_dict=True)
+    dcp.async_save(state, storage_writer=writer).result()
+    for i, t in enumerate(state.values()):
+        t.fill_(float(i + 1))
+    expected = {k: v.cpu() for k, v in state.items()}
+    writer.reset(tmp_path / "b")
+    future = dcp.async_save(state, storage_writer=writer, checkpoint_id=tmp_path / "b")
+    for t in state.values():
+        t.zero_()  # training goes on at once: only the staged copy may reach the checkpoint
+    future.result()
+    out = {k: torch.empty(2048, 1024) for k in state}
+    dcp.load(out, storage_reader=dcpio.FileSystemReader(tmp_path / "b"))
+    for k, v in expected.items():
+        assert torch.equal(out[k], v), k

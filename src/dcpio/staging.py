@@ -9,7 +9,9 @@ present) and refilled by later saves, so from the second save on staging is one 
 
 The walk only pairs each CPU tensor with its buffer; the copies then run as one ``torch._foreach_copy_`` call. One
 ``copy_`` per tensor costs about 30 us of dispatch and thread fork/join each: 11 ms of a 64 MiB, 381-tensor state
-dict (17 ms against 5.5 ms batched, measured here).
+dict (17 ms against 5.5 ms batched, measured here). CUDA tensors staged into pinned buffers (the cached case) are
+queued with ``non_blocking=True`` and waited for once per device at the end of ``stage``, instead of one
+synchronising copy per tensor.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class DcpioStager:
         self._buffers: dict[tuple[Any, ...], Any] = {}
         # (buffers, sources) of the CPU tensors found by the walk in progress
         self._pending: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        # accelerator devices with device-to-host copies into pinned buffers queued by the walk in progress
+        self._cuda_devices: set[torch.device] = set()
 
     @property
     def should_synchronize_after_execute(self) -> bool:
@@ -77,11 +81,17 @@ class DcpioStager:
         if not self.cache_staged_state_dict:
             self._buffers = {}
         self._pending = ([], [])
+        self._cuda_devices = set()
         try:
             staged = self._stage(state_dict, ())
             _copy_all(*self._pending)
         finally:
+            # the background writer reads these buffers: every queued device-to-host copy must have landed,
+            # also when the walk failed halfway (the buffers are reused by the next save)
+            for device in self._cuda_devices:
+                torch.cuda.synchronize(device)
             self._pending = ([], [])
+            self._cuda_devices = set()
         if self.cache_staged_state_dict:
             self.state_dict_cache = staged
         return staged
@@ -121,6 +131,10 @@ class DcpioStager:
         elif src.device.type == "cpu" and buf.dtype == src.dtype:
             self._pending[0].append(buf)  # copied with the others once the walk is done
             self._pending[1].append(src)
+        elif src.device.type == "cuda" and buf.is_pinned():
+            # queued on the device's stream without waiting for each one; stage() waits once for all of them
+            buf.copy_(src, non_blocking=True)
+            self._cuda_devices.add(src.device)
         else:
             buf.copy_(src, non_blocking=False)
         if self.cache_staged_state_dict:
