@@ -508,7 +508,7 @@ def even_free_pages(nbytes: int) -> list[set[int]]:
 
     Why: Linux keeps freed pages on per-CPU lists (``pcp``; 900 MiB each on the 2-core VM of the README table),
     and on a VM whose host takes back free memory a write that misses its CPU's list lands on pages the host
-    has to fault in again: a 1 GiB tmpfs write then runs at 0.4-1.7 GB/s instead of 3. Deleting the previous
+    has to fault in again: a 1 GiB tmpfs write then ran as slow as 0.37 GB/s instead of 3. Deleting the previous
     checkpoint on the bench's main thread filled only that CPU's list, so single-threaded writers (raw, torch)
     got hot pages and dcpio's worker threads on the other CPU often did not. A thread pinned to each CPU
     touches and frees ``nbytes`` here, so every writer starts from the same state whichever CPU it runs on.
@@ -774,7 +774,11 @@ def _case_reshard(cfg: BenchConfig, root: str) -> list[CaseResult]:
 def _case_async(cfg: BenchConfig, state: dict[str, Any], root: str) -> CaseResult:
     import torch.distributed.checkpoint as dcp
 
-    case = CaseResult("async", f"dcp.async_save blocking time vs one clone() of the state dict ({root})")
+    case = CaseResult(
+        "async",
+        f"dcp.async_save blocking time vs one clone() of the state dict; cached staging vs a copy_ into "
+        f"preallocated tensors ({root})",
+    )
     systems = [s for s in _systems_available() if s != "raw"]
     if "dcpio" not in systems:
         case.notes.append("dcpio side not measured: dcpio.FileSystemWriter not in this checkout")
