@@ -259,3 +259,25 @@ def test_read_scratch_buffers_do_not_outlive_the_load(tmp_path: Path) -> None:
     dcp.load(out, storage_reader=dcpio.FileSystemReader(tmp_path, thread_count=1))
     assert all(torch.equal(out[k], sd[k]) for k in sd)
     assert dict(getattr(tb._scratch, "buffers", {})) == before
+
+
+def test_an_unverified_load_locates_dcpio_records_by_their_head_alone(tmp_path: Path, monkeypatch: Any) -> None:
+    # without verification a dcpio record is still located by its head (one small read), not by a walk of its zip
+    # directory (end record, directory, local headers, data.pkl: several reads per record)
+    from dcpio.movers import local
+
+    state = {f"w{i}": torch.randn(512, 1024) for i in range(4)}  # 2 MiB each: above the small-record batching
+    dcp.save(state, storage_writer=dcpio.FileSystemWriter(tmp_path))
+    small_reads: list[int] = []
+    real_read = local.LocalReadHandle.read
+
+    def counted(self: Any, offset: int, length: int) -> bytes:
+        if self.path.endswith(".distcp"):  # not .metadata
+            small_reads.append(length)
+        return real_read(self, offset, length)
+
+    monkeypatch.setattr(local.LocalReadHandle, "read", counted)
+    out = {k: torch.zeros_like(v) for k, v in state.items()}
+    dcp.load(out, storage_reader=dcpio.FileSystemReader(tmp_path, verify_checksums=False))
+    assert all(torch.equal(out[k], v) for k, v in state.items())
+    assert len(small_reads) == len(state), small_reads  # one head per record

@@ -415,8 +415,9 @@ def _load_tensor_group(
         if _serve_stored_record(stored, group, sums, targets, opts, handle.path, where):
             return
 
-    if sums is not None and sums.head_length > 0 and opts.verify and sums.base == base:
-        # a record dcpio wrote: its checksummed head alone says where the data is (one small read)
+    if sums is not None and sums.head_length > 0 and sums.base == base:
+        # a record dcpio wrote: its checksummed head alone says where the data is (one small read); without
+        # verification too, as in _read_whole_record: the head parser checks the structure it relies on
         head = handle.read(base, sums.head_length)
         rec = _dcpio_head(head, sums, info.length, group.requests[0].storage_index, opts, handle.path, where)
         tiles = _tile_sums_of(info, where)
