@@ -66,3 +66,17 @@ def test_cuda_cached_staging_waits_for_every_queued_copy(tmp_path: Path) -> None
     dcp.load(out, storage_reader=dcpio.FileSystemReader(tmp_path / "b"))
     for k, v in expected.items():
         assert torch.equal(out[k], v), k
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_copies_ahead_from_a_second_device_land_before_they_are_written(tmp_path: Path) -> None:
+    # writer threads start on device 0; a rank that trains on device 1 must still have each copy waited for on
+    # device 1's stream (an event recorded on device 0 would let the write read a half-copied buffer)
+    with torch.cuda.device(1):
+        state = {f"w{i}": torch.randn(2048, 1024, device="cuda:1") for i in range(16)}
+        expected = {k: v.cpu() for k, v in state.items()}
+        dcp.save(state, storage_writer=dcpio.FileSystemWriter(tmp_path, thread_count=2, per_thread_copy_ahead=1 << 30))
+    out = {k: torch.empty(2048, 1024) for k in state}
+    dcp.load(out, storage_reader=dcpio.FileSystemReader(tmp_path))
+    for k, v in expected.items():
+        assert torch.equal(out[k], v), k

@@ -127,10 +127,13 @@ def _resolved(items: Sequence[WriteItem], planner: SavePlanner, copy_ahead: int)
         src = data.detach()
         if not src.is_contiguous():
             src = src.contiguous()
-        host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-        host.copy_(src, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        # this runs on a writer thread, whose current CUDA device is 0 whatever the training thread set: the
+        # event must be recorded on the stream of the tensor's own device, or it would not wait for the copy
+        with torch.cuda.device(src.device):
+            host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            host.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(src.device))
         nbytes = src.numel() * src.element_size()
         pending.append((item, host, event, nbytes))
         inflight += nbytes
