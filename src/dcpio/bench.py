@@ -503,7 +503,19 @@ def _systems_available() -> list[str]:
     return have
 
 
-def even_free_pages(nbytes: int) -> list[set[int]]:
+def _available_memory() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo`` in bytes, or None where there is no such file."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def even_free_pages(nbytes: int) -> list[tuple[set[int], int]]:
     """Leave about ``nbytes`` of just-freed memory on every CPU's free-page list before a timed write.
 
     Why: Linux keeps freed pages on per-CPU lists (``pcp``; 900 MiB each on the 2-core VM of the README table),
@@ -514,7 +526,9 @@ def even_free_pages(nbytes: int) -> list[set[int]]:
     touches and frees ``nbytes`` here, so every writer starts from the same state whichever CPU it runs on.
     Where threads cannot be pinned (no ``sched_setaffinity``), one unpinned thread does it.
 
-    Returns the CPU set each touching thread ran on (empty for ``nbytes <= 0``).
+    All threads together touch at most a quarter of the available memory (a 128-core machine would otherwise
+    need 128 times ``nbytes``). Returns ``(CPU set the thread ran on, bytes it touched)`` per thread; empty for
+    ``nbytes <= 0``. A thread's failure is raised here.
     """
     if nbytes <= 0:
         return []
@@ -522,15 +536,23 @@ def even_free_pages(nbytes: int) -> list[set[int]]:
     cpus: list[int | None] = [None]
     if setaffinity is not None:
         cpus = list(sorted(os.sched_getaffinity(0))) or [None]
-    ran_on: list[set[int]] = [set() for _ in cpus]
+    available = _available_memory()
+    each = nbytes if available is None else max(0, min(nbytes, available // (4 * len(cpus))))
+    if each == 0:
+        return []
+    ran_on: list[tuple[set[int], int]] = [(set(), 0) for _ in cpus]
+    errors: list[BaseException] = []
 
     def touch(i: int, cpu: int | None) -> None:
-        if cpu is not None and setaffinity is not None:
-            setaffinity(0, {cpu})  # 0 is the calling thread: the bench's own threads keep their CPUs
-            ran_on[i] = set(os.sched_getaffinity(0))
-        block = torch.empty(nbytes, dtype=torch.uint8)
-        block.fill_(1)
-        del block
+        try:
+            if cpu is not None and setaffinity is not None:
+                setaffinity(0, {cpu})  # 0 is the calling thread: the bench's own threads keep their CPUs
+            block = torch.empty(each, dtype=torch.uint8)
+            block.fill_(1)
+            del block
+            ran_on[i] = (set(os.sched_getaffinity(0)) if setaffinity is not None else set(), each)
+        except BaseException as err:  # raised by the caller below, never lost in the thread
+            errors.append(err)
 
     threads = [
         threading.Thread(target=touch, args=(i, cpu), name=f"dcpio-bench-pages-{i}") for i, cpu in enumerate(cpus)
@@ -539,6 +561,8 @@ def even_free_pages(nbytes: int) -> list[set[int]]:
         thread.start()
     for thread in threads:
         thread.join()
+    if errors:
+        raise RuntimeError(f"dcpio bench: touching {each} bytes per CPU before a timed write failed") from errors[0]
     return ran_on
 
 
