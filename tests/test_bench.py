@@ -161,5 +161,6 @@ def test_even_free_pages_touches_memory_on_every_cpu_and_leaves_the_caller_alone
     assert os.sched_getaffinity(0) == mine
     # a size no machine has is cut to a quarter of the available memory over all threads, not attempted
     huge = bench.even_free_pages(1 << 50)
-    total = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    total = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal:"))
     assert 0 < sum(n for _, n in huge) <= total // 4

@@ -46,7 +46,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -55,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dcpio._runtime import raise_first, run_queued
 
 __all__ = [
     "ALL_CASES",
@@ -528,7 +529,7 @@ def even_free_pages(nbytes: int) -> list[tuple[set[int], int]]:
 
     All threads together touch at most a quarter of the available memory (a 128-core machine would otherwise
     need 128 times ``nbytes``). Returns ``(CPU set the thread ran on, bytes it touched)`` per thread; empty for
-    ``nbytes <= 0``. A thread's failure is raised here.
+    ``nbytes <= 0``. A thread's failure is raised here (with any others as notes).
     """
     if nbytes <= 0:
         return []
@@ -541,28 +542,20 @@ def even_free_pages(nbytes: int) -> list[tuple[set[int], int]]:
     if each == 0:
         return []
     ran_on: list[tuple[set[int], int]] = [(set(), 0) for _ in cpus]
-    errors: list[BaseException] = []
 
     def touch(i: int, cpu: int | None) -> None:
-        try:
-            if cpu is not None and setaffinity is not None:
-                setaffinity(0, {cpu})  # 0 is the calling thread: the bench's own threads keep their CPUs
-            block = torch.empty(each, dtype=torch.uint8)
-            block.fill_(1)
-            del block
-            ran_on[i] = (set(os.sched_getaffinity(0)) if setaffinity is not None else set(), each)
-        except BaseException as err:  # raised by the caller below, never lost in the thread
-            errors.append(err)
+        if cpu is not None and setaffinity is not None:
+            setaffinity(0, {cpu})  # 0 is the calling thread: a pool thread of run_queued, gone afterwards
+        block = torch.empty(each, dtype=torch.uint8)
+        block.fill_(1)
+        del block
+        ran_on[i] = (set(os.sched_getaffinity(0)) if setaffinity is not None else set(), each)
 
-    threads = [
-        threading.Thread(target=touch, args=(i, cpu), name=f"dcpio-bench-pages-{i}") for i, cpu in enumerate(cpus)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    tasks = [functools.partial(touch, i, cpu) for i, cpu in enumerate(cpus)]
+    errors = run_queued(tasks, len(tasks), name="dcpio-bench-pages")
     if errors:
-        raise RuntimeError(f"dcpio bench: touching {each} bytes per CPU before a timed write failed") from errors[0]
+        errors[0].add_note(f"dcpio bench: touching {each} bytes on each CPU before a timed write; try a smaller --size")
+    raise_first(errors)
     return ran_on
 
 

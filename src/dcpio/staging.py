@@ -80,8 +80,6 @@ class DcpioStager:
         self.per_thread_copy_ahead = 0
         if not self.cache_staged_state_dict:
             self._buffers = {}
-        self._pending = ([], [])
-        self._cuda_devices = set()
         try:
             staged = self._stage(state_dict, ())
             _copy_all(*self._pending)
