@@ -269,15 +269,33 @@ def test_an_unverified_load_locates_dcpio_records_by_their_head_alone(tmp_path: 
     state = {f"w{i}": torch.randn(512, 1024) for i in range(4)}  # 2 MiB each: above the small-record batching
     dcp.save(state, storage_writer=dcpio.FileSystemWriter(tmp_path))
     small_reads: list[int] = []
-    real_read = local.LocalReadHandle.read
+    real_read = local.LocalReadHandle.readinto_many
 
-    def counted(self: Any, offset: int, length: int) -> bytes:
-        if self.path.endswith(".distcp"):  # not .metadata
-            small_reads.append(length)
-        return real_read(self, offset, length)
+    def counted(self: Any, offset: int, buffers: Any) -> None:
+        total = sum(len(b) for b in buffers)
+        if self.path.endswith(".distcp") and total < 4096:  # not .metadata, not tensor data
+            small_reads.append(total)
+        real_read(self, offset, buffers)
 
-    monkeypatch.setattr(local.LocalReadHandle, "read", counted)
+    monkeypatch.setattr(local.LocalReadHandle, "readinto_many", counted)
     out = {k: torch.zeros_like(v) for k, v in state.items()}
     dcp.load(out, storage_reader=dcpio.FileSystemReader(tmp_path, verify_checksums=False))
     assert all(torch.equal(out[k], v) for k, v in state.items())
     assert len(small_reads) == len(state), small_reads  # one head per record
+
+
+def test_a_column_box_without_tiles_verifies_the_block_its_data_starts_in(tmp_path: Path, monkeypatch: Any) -> None:
+    # block checksums only (tiles off): a column box is copied out of the memory map band by band, each band's blocks
+    # hashed first. The record's data starts inside a block that also holds the record head; that block was never
+    # hashed, so a flipped byte among the first elements loaded silently.
+    monkeypatch.setenv("DCPIO_TILE_CHECKSUMS", "0")
+    full = torch.randn(4096, 128, generator=torch.Generator().manual_seed(3))  # 2 MiB: read in place
+    dcp.save({"w": full}, storage_writer=dcpio.FileSystemWriter(tmp_path, thread_count=1))
+    info = next(iter(dcpio.FileSystemReader(tmp_path).read_metadata().storage_data.values()))
+    assert not hasattr(info, "dcpio_tiles") and (info.offset + info.dcpio_checksum[5]) % info.dcpio_checksum[1]
+    data_file = next(p for p in tmp_path.iterdir() if p.name.endswith(".distcp"))
+    raw = bytearray(data_file.read_bytes())
+    raw[info.offset + info.dcpio_checksum[5] + 4] ^= 0x01  # row 0, column 1
+    data_file.write_bytes(bytes(raw))
+    with pytest.raises(dcpio.CorruptCheckpointError, match="checksum mismatch"):
+        _read_box(tmp_path, (0, 1), (4096, 8), torch.float32)

@@ -11,8 +11,10 @@ Use dcpio's classes where you would use torch's::
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from dcpio.engine import IOStats
 from dcpio.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -32,7 +34,11 @@ from dcpio.writer import DEFAULT_SUFFIX, FileSystemWriter, SerializationFormat
 
 __version__ = "0.1.0"
 
+# a library stays silent unless the application configures logging (INFO: one line per save and load)
+logging.getLogger("dcpio").addHandler(logging.NullHandler())
+
 __all__ = [
+    "IOStats",
     "DEFAULT_SUFFIX",
     "CheckpointError",
     "CheckpointExistsError",

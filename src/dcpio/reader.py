@@ -16,6 +16,7 @@ structural checks only (record layout, sizes and offsets against the file).
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import uuid
@@ -30,7 +31,7 @@ from torch.futures import Future
 
 from dcpio import knobs
 from dcpio._runtime import end_gc_pause, start_gc_pause
-from dcpio.engine import ReadOptions, read_plan
+from dcpio.engine import IOStats, ReadOptions, read_plan
 from dcpio.errors import CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
 from dcpio.integrity.paths import check_relative_path, check_stays_inside
 from dcpio.integrity.safe_pickle import load_metadata
@@ -40,6 +41,8 @@ from dcpio.transforms import ExtensionRegistry
 from dcpio.writer import METADATA_NAME, metadata_path
 
 __all__ = ["FileSystemReader"]
+
+_log = logging.getLogger("dcpio")
 
 
 class FileSystemReader(StorageReader):
@@ -86,6 +89,7 @@ class FileSystemReader(StorageReader):
         self.rank: int | None = None
         self.is_coordinator = False
         self.use_collectives = True
+        self.stats = IOStats()
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.storage_data = {}
@@ -218,9 +222,10 @@ class FileSystemReader(StorageReader):
             expected=self._expected,
         )
         try:
-            read_plan(self.fs, plan.items, self.storage_data, planner, opts, self._check_bytes)
+            self.stats = read_plan(self.fs, plan.items, self.storage_data, planner, opts, self._check_bytes)
         finally:
             end_gc_pause(self)
+        _log.info("dcpio load of %s: %s", self.path, self.stats.summary())
         future: Future[None] = Future()
         future.set_result(None)
         return future

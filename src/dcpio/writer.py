@@ -20,6 +20,7 @@ object is the commit point (see :mod:`dcpio.movers.fsspec`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pickle
 import re
@@ -39,7 +40,8 @@ from torch.futures import Future
 
 from dcpio import knobs
 from dcpio._runtime import end_gc_pause, start_gc_pause
-from dcpio.engine import FileJob, WriteOptions, write_files
+from dcpio.engine import FileJob, IOStats, WriteOptions, write_files
+from dcpio.engine.save import write_stats
 from dcpio.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
@@ -47,6 +49,8 @@ from dcpio.staging import DcpioStager
 from dcpio.transforms import StreamTransformExtension
 
 __all__ = ["DEFAULT_SUFFIX", "FileSystemWriter", "SerializationFormat"]
+
+_log = logging.getLogger("dcpio")
 
 DEFAULT_SUFFIX = ".distcp"
 METADATA_NAME = ".metadata"
@@ -131,6 +135,7 @@ class _DcpioWriter(StorageWriter):
         self.rank: int | None = None
         self.is_coordinator = False
         self.use_collectives = True
+        self.stats = IOStats()  # what the last save's write_data did (see dcpio.IOStats)
 
     # ------------------------------------------------------------------ protocol
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -214,10 +219,14 @@ class _DcpioWriter(StorageWriter):
             copy_ahead=self.per_thread_copy_ahead,
         )
         future: Future[list[WriteResult]] = Future()
+        started = time.perf_counter()
         try:
-            future.set_result(write_files(self.fs, jobs, planner, opts))
+            results = write_files(self.fs, jobs, planner, opts)
         finally:
             end_gc_pause(self)
+        self.stats = write_stats(results, len(jobs), time.perf_counter() - started)
+        _log.info("dcpio save to %s: %s", self.path, self.stats.summary())
+        future.set_result(results)
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:

@@ -15,6 +15,7 @@ import struct
 import threading
 import weakref
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -27,6 +28,9 @@ from dcpio.formats.torch_save import TensorRecord, c_strides
 from dcpio.integrity.checksum import ATTRIBUTE, BlockHasher
 from dcpio.knobs import max_record_header_bytes
 from dcpio.movers.base import ReadHandle, WriteHandle
+
+if TYPE_CHECKING:
+    from dcpio.engine.sources import Source
 from dcpio.tensor_bytes import byte_view
 
 __all__ = ["locate", "write_blob"]
@@ -79,10 +83,10 @@ def write_blob(
 
 _cache_lock = threading.Lock()
 # parsed blob headers per open handle: a handle lives exactly as long as one read_data call
-_headers: weakref.WeakKeyDictionary[ReadHandle, dict[int, SafetensorsHeader]] = weakref.WeakKeyDictionary()
+_headers: weakref.WeakKeyDictionary[ReadHandle | Source, dict[int, SafetensorsHeader]] = weakref.WeakKeyDictionary()
 
 
-def _header_at(handle: ReadHandle, offset: int, where: str) -> SafetensorsHeader:
+def _header_at(handle: ReadHandle | Source, offset: int, where: str) -> SafetensorsHeader:
     with _cache_lock:
         cache = _headers.setdefault(handle, {})
         header = cache.get(offset)
@@ -106,7 +110,7 @@ def _header_at(handle: ReadHandle, offset: int, where: str) -> SafetensorsHeader
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def _skip_empty_frames(handle: ReadHandle, offset: int, where: str) -> int:
+def _skip_empty_frames(handle: ReadHandle | Source, offset: int, where: str) -> int:
     """Where the blob starts behind the empty transform frames torch writes in place of each tensor.
 
     torch's writer, with a stream transform and the SAFETENSORS format, opens the transform for every tensor, writes
@@ -136,7 +140,7 @@ def _skip_empty_frames(handle: ReadHandle, offset: int, where: str) -> int:
 
 
 def locate(
-    handle: ReadHandle, info: _StorageInfo, fqn: str, where: str, *, after_frames: bool = False
+    handle: ReadHandle | Source, info: _StorageInfo, fqn: str, where: str, *, after_frames: bool = False
 ) -> tuple[TensorRecord, int]:
     """Find tensor ``fqn`` in the safetensors blob ``info`` points at; returns its record and absolute data start.
 

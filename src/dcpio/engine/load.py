@@ -1,0 +1,378 @@
+"""The load half of the engine: one path from a DCP load plan to bytes in the destination tensors.
+
+1. Requests are grouped by stored item; each item gets its checksums and, where the metadata alone says where its
+   data is (a record dcpio wrote), a predicted layout.
+2. The planner (:func:`~dcpio.engine.planner.plan_fetches`) chooses which items come into memory whole and which
+   neighbours share a request, from each file's :class:`~dcpio.engine.requests.Capabilities`.
+3. Each item is located by its format (:mod:`dcpio.formats.locate`) in the source its bytes are in (the file, or a
+   fetch held in memory), the planner chooses its operations (:func:`~dcpio.engine.planner.plan_tensor`) and the
+   executor runs them (:func:`~dcpio.engine.executor.run_tensor_ops`).
+
+Tasks run on the shared queued runner: coalesced fetches first (Python work under the GIL that overlaps best with
+the other threads' large copies, which release it), then in-place items largest first. Every task runs; the first
+error is raised with the others attached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, ReadItem
+
+from dcpio import knobs
+from dcpio._runtime import gc_paused, raise_first, run_queued
+from dcpio.engine.executor import NoWindow, Verifier, run_tensor_ops
+from dcpio.engine.planner import plan_fetches, plan_tensor
+from dcpio.engine.requests import Box, ByteRange, Capabilities, Fetch, StoredItem, Target, TensorLayout
+from dcpio.engine.save import item_name
+from dcpio.engine.sources import FileSource, IOStats, MemorySource, Source
+from dcpio.errors import CheckpointError, CorruptCheckpointError, PlanMismatchError
+from dcpio.formats.locate import Expected, check_expected, head_checker, is_record, locate, predict
+from dcpio.integrity.checksum import ATTRIBUTE, BlockChecksums
+from dcpio.integrity.tiles import TILE_ATTRIBUTE, TileChecksums
+from dcpio.movers.base import FileSystemBase, ReadHandle
+from dcpio.tensor_bytes import byte_view, is_dense_cpu, thread_scratch
+from dcpio.transforms import apply_decode
+
+__all__ = ["ReadOptions", "capabilities", "read_plan"]
+
+_VERIFY_STEP = 4 << 20  # local files: bytes read per request when verifying, a few blocks, still cache-resident
+_SMALL_ITEM = 256 << 10  # local files: items up to this size are fetched whole and parsed in memory
+_COALESCE_GAP = 64 << 10  # neighbouring small items this close share one request
+_LOCAL_SPAN = 1 << 20  # local files: at most this many bytes per shared request
+_MAX_IO = 1 << 30  # below the most one system call moves on Linux
+_UNBOUNDED = 1 << 62
+
+# an item already in memory: views instead of requests, nothing left to verify
+_IN_MEMORY = Capabilities(_UNBOUNDED, _UNBOUNDED, 0, 0, 0, can_map=True, request_bound=False)
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    threads: int
+    verify: bool
+    registry: object
+    root: str
+    # (dtype, chunk sizes) the metadata promises for a stored item; None when it does not say
+    expected: Callable[[MetadataIndex], Expected] = lambda index: None
+
+
+def capabilities(handle: ReadHandle) -> Capabilities:
+    """What the planner may assume of ``handle``'s file."""
+    if handle.prefers_large_reads:
+        part = knobs.s3_part_size()
+        return Capabilities(_UNBOUNDED, _UNBOUNDED, _COALESCE_GAP, part, part // 4, can_map=False, request_bound=True)
+    can_map = type(handle).mapped is not ReadHandle.mapped
+    return Capabilities(_MAX_IO, _VERIFY_STEP, _COALESCE_GAP, _LOCAL_SPAN, _SMALL_ITEM, can_map, request_bound=False)
+
+
+@dataclass
+class _Group:
+    """All read requests that hit one stored item."""
+
+    key: int
+    path: str
+    info: _StorageInfo
+    requests: list[ReadItem] = field(default_factory=list)
+    sums: BlockChecksums | None = None
+    tiles: TileChecksums | None = None
+    predicted: TensorLayout | None = None
+
+    @property
+    def is_bytes(self) -> bool:
+        return self.requests[0].type == LoadItemType.BYTE_IO
+
+    @property
+    def where(self) -> str:
+        kind = "item" if self.is_bytes else "tensor"
+        return f"{self.info.relative_path}: {kind} '{item_name(self.requests[0].storage_index)}'"
+
+
+class _Sources:
+    """One open source per file, shared by the threads (positional reads need no per-thread state)."""
+
+    def __init__(self, fs: FileSystemBase, stats: IOStats) -> None:
+        self._fs = fs
+        self._stats = stats
+        self._lock = threading.Lock()
+        self._open: dict[str, FileSource] = {}
+
+    def __call__(self, path: str) -> FileSource:
+        with self._lock:
+            source = self._open.get(path)
+            if source is None:
+                source = self._open[path] = FileSource(self._fs.open_reader(path), self._stats)
+            return source
+
+    def close(self) -> None:
+        for source in self._open.values():
+            source.handle.close()
+        self._open.clear()
+
+
+@dataclass
+class _Load:
+    """What every task of one load shares."""
+
+    opts: ReadOptions
+    sources: _Sources
+    caps: dict[str, Capabilities]
+    targets: dict[int, torch.Tensor]
+    stats: IOStats
+    byte_data: dict[int, bytes] = field(default_factory=dict)
+
+
+def _checksums(info: _StorageInfo, where: str) -> BlockChecksums | None:
+    record = getattr(info, ATTRIBUTE, None)
+    return None if record is None else BlockChecksums.from_record(record, where)
+
+
+def _tiles(info: _StorageInfo, where: str) -> TileChecksums | None:
+    record = getattr(info, TILE_ATTRIBUTE, None)
+    return None if record is None else TileChecksums.from_record(record, where)
+
+
+def _group(
+    items: Sequence[ReadItem], storage_data: dict[MetadataIndex, _StorageInfo], fs: FileSystemBase, root: str
+) -> list[_Group]:
+    # keyed by the stored item: in the SAFETENSORS layout many items share one (file, offset)
+    groups: dict[MetadataIndex, _Group] = {}
+    paths: dict[str, str] = {}
+    for req in items:
+        info = storage_data.get(req.storage_index)
+        if info is None:
+            raise PlanMismatchError(
+                f"{root}: the checkpoint has no stored data for '{item_name(req.storage_index)}'; it was "
+                "saved without this tensor/chunk. Check the state dict's keys against `dcpio inspect`."
+            )
+        group = groups.get(req.storage_index)
+        if group is None:
+            rel = info.relative_path
+            path = paths.get(rel)
+            if path is None:
+                path = paths[rel] = str(fs.concat_path(root, rel))
+            group = groups[req.storage_index] = _Group(len(groups), path, info)
+        group.requests.append(req)
+    return list(groups.values())
+
+
+def _prepare(group: _Group, load: _Load) -> StoredItem:
+    """Check the item against its file, read its checksum records and predict its layout."""
+    info, where = group.info, group.where
+    size = load.sources(group.path).size()
+    if info.offset + info.length > size:
+        raise CorruptCheckpointError(
+            f"{where}: the item spans bytes [{info.offset}, {info.offset + info.length}) but {group.path} has "
+            f"{size} bytes; the file is truncated. Restore it or load an earlier checkpoint."
+        )
+    group.sums = _checksums(info, where)
+    if not group.is_bytes:
+        group.tiles = _tiles(info, where)
+        group.predicted = predict(info, group.sums, load.opts.expected(group.requests[0].storage_index))
+    whole = group.is_bytes or bool(info.transform_descriptors)
+    return StoredItem(group.key, group.path, ByteRange(info.offset, info.offset + info.length), whole)
+
+
+def read_plan(
+    fs: FileSystemBase,
+    items: Sequence[ReadItem],
+    storage_data: dict[MetadataIndex, _StorageInfo],
+    planner: LoadPlanner,
+    opts: ReadOptions,
+    check_bytes: Callable[[ReadItem, bytes], None],
+) -> IOStats:
+    """Serve every read item of a load plan; raises the first worker error after all workers stopped."""
+    started = time.perf_counter()
+    groups = _group(items, storage_data, fs, opts.root)
+    stats = IOStats(items=len(groups), files=len({g.path for g in groups}))
+    sources = _Sources(fs, stats)
+    load = _Load(opts, sources, {}, {}, stats)
+    try:
+        for group in groups:
+            if not group.is_bytes:
+                for req in group.requests:
+                    load.targets[id(req)] = planner.resolve_tensor(req).detach()
+        stored = [_prepare(group, load) for group in groups]
+        load.caps = {item.path: capabilities(sources(item.path).handle) for item in stored}
+        located = {g.key for g in groups if g.predicted is not None}
+        fetches, in_place = plan_fetches(stored, load.caps, located)
+        with gc_paused():
+            errors = run_queued(_tasks(fetches, in_place, groups, load), opts.threads, name="dcpio-r")
+    finally:
+        sources.close()
+    raise_first(errors)
+    _hand_over(groups, load, planner, check_bytes)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _tasks(
+    fetches: list[Fetch], in_place: list[StoredItem], groups: list[_Group], load: _Load
+) -> list[Callable[[], None]]:
+    # fetches in file order, a few per task (one task per thread locally; four per thread on object stores, where
+    # each waits on the network); then the in-place items, largest first so the long reads start early
+    on_store = any(c.request_bound for c in load.caps.values())
+    batches = max(1, load.opts.threads) * (4 if on_store else 1)
+    per_batch = max(1, -(-len(fetches) // batches))
+    tasks: list[Callable[[], None]] = [
+        functools.partial(_run_fetches, fetches[i : i + per_batch], groups, load)
+        for i in range(0, len(fetches), per_batch)
+    ]
+    for item in sorted(in_place, key=lambda it: it.extent.length, reverse=True):
+        tasks.append(functools.partial(_serve_in_place, groups[item.key], load))
+    return tasks
+
+
+def _hand_over(
+    groups: list[_Group], load: _Load, planner: LoadPlanner, check_bytes: Callable[[ReadItem, bytes], None]
+) -> None:
+    for group in groups:
+        if group.is_bytes:
+            data = load.byte_data[group.key]
+            for req in group.requests:
+                check_bytes(req, data)
+                planner.load_bytes(req, io.BytesIO(data))
+    for group in groups:
+        if not group.is_bytes:
+            for req in group.requests:
+                planner.commit_tensor(req, load.targets[id(req)])
+
+
+def _run_fetches(fetches: list[Fetch], groups: list[_Group], load: _Load) -> None:
+    for fetch in fetches:
+        source = load.sources(fetch.path)
+        buf = thread_scratch("span", fetch.span.length)
+        source.readinto_many(fetch.span.start, [byte_view(buf)])
+        memory = MemorySource(fetch.path, fetch.span.start, buf)
+        for key in fetch.keys:
+            _serve_fetched(memory, groups[key], load)
+
+
+def _wants(group: _Group, load: _Load) -> list[tuple[Box, torch.Tensor]]:
+    return [(Box(tuple(r.storage_offsets), tuple(r.lengths)), load.targets[id(r)]) for r in group.requests]
+
+
+def _execute(
+    source: Source, layout: TensorLayout, group: _Group, load: _Load, caps: Capabilities, verify: bool
+) -> None:
+    """Plan and run one located tensor's requests; without views where the source turns out to have none."""
+    wants = _wants(group, load)
+    specs = [(box, Target(tuple(t.shape), t.dtype, is_dense_cpu(t))) for box, t in wants]
+    check = Verifier(group.sums, group.tiles, source.path, group.where)
+    check_head = None
+    if layout.head is not None and group.sums is not None:
+        check_head = head_checker(layout, group.info.length, group.sums, verify, source.path, group.where)
+    try:
+        ops = plan_tensor(layout, specs, group.sums, group.tiles, caps, verify, group.where)
+        run_tensor_ops(source, layout, ops, wants, check, load.stats, check_head)
+    except NoWindow:
+        no_views = dataclasses.replace(caps, can_map=False)
+        ops = plan_tensor(layout, specs, group.sums, group.tiles, no_views, verify, group.where)
+        run_tensor_ops(source, layout, ops, wants, check, load.stats, check_head)
+
+
+def _serve_in_place(group: _Group, load: _Load) -> None:
+    source = load.sources(group.path)
+    verify = load.opts.verify
+    layout = group.predicted
+    if layout is None:
+        fqn = group.requests[0].storage_index.fqn
+        layout = locate(source, group.info, fqn, group.sums, verify, group.where)
+        check_expected(layout, load.opts.expected(group.requests[0].storage_index), group.where)
+    _execute(source, layout, group, load, load.caps[group.path], verify)
+
+
+def _serve_fetched(memory: MemorySource, group: _Group, load: _Load) -> None:
+    """Serve ``group`` from its whole stored item, already in memory."""
+    info = group.info
+    stored = memory.window(ByteRange(info.offset, info.offset + info.length))
+    assert stored is not None  # a memory source always has a view
+    if group.is_bytes or info.transform_descriptors:
+        _verify_whole(memory, group, load)
+        raw = bytes(byte_view(stored)) if info.length else b""
+        if group.is_bytes:
+            load.byte_data[group.key] = (
+                _decode(load.opts, info, raw, group.where) if info.transform_descriptors else raw
+            )
+            return
+        try:
+            decoded = _decode(load.opts, info, raw, group.where)
+        except CheckpointError as err:
+            # torch's SAFETENSORS layout with a transform: the item's bytes start with an empty frame and run into
+            # whatever follows it, so they do not decode as a whole; the blob behind the frames says where it is
+            _serve_after_frames(group, load, err)
+            return
+        _serve_decoded(decoded, group, load)
+        return
+    if not is_record(memory, info.offset, info.length):
+        _serve_in_place(group, load)  # a SAFETENSORS blob: the item's bytes are elsewhere in the file
+        return
+    _verify_whole(memory, group, load)
+    layout = group.predicted
+    if layout is None:
+        fqn = group.requests[0].storage_index.fqn
+        layout = locate(memory, info, fqn, group.sums, False, group.where)
+        check_expected(layout, load.opts.expected(group.requests[0].storage_index), group.where)
+    _execute(memory, layout, group, load, _IN_MEMORY, False)
+
+
+def _verify_whole(memory: MemorySource, group: _Group, load: _Load) -> None:
+    if not load.opts.verify or group.sums is None:
+        return
+    rng = ByteRange(group.info.offset, group.info.offset + group.info.length)
+    view = memory.window(rng)
+    assert view is not None
+    Verifier(group.sums, None, memory.path, group.where).blocks([(rng.start, byte_view(view))], load.stats)
+
+
+def _serve_decoded(raw: bytes, group: _Group, load: _Load) -> None:
+    info = group.info
+    fqn = group.requests[0].storage_index.fqn
+    expected = load.opts.expected(group.requests[0].storage_index)
+    if raw[:4] == b"PK\x03\x04":
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        memory = MemorySource(group.path, 0, data)
+        plain = _StorageInfo(info.relative_path, 0, len(raw))
+        layout = locate(memory, plain, fqn, None, False, group.where)
+        check_expected(layout, expected, group.where)
+        _execute(memory, layout, group, load, _IN_MEMORY, False)
+        return
+    if raw:
+        raise CorruptCheckpointError(f"{group.where}: decoded item is not a torch.save record")
+    _serve_after_frames(group, load, None)
+
+
+def _serve_after_frames(group: _Group, load: _Load, decode_error: CheckpointError | None) -> None:
+    """torch's SAFETENSORS layout with a stream transform: an empty frame stands where the tensor would be, and the
+    tensor is in the blob behind the frames."""
+    source = load.sources(group.path)
+    fqn = group.requests[0].storage_index.fqn
+    try:
+        layout = locate(source, group.info, fqn, group.sums, load.opts.verify, group.where, after_frames=True)
+    except CheckpointError:
+        if decode_error is not None:
+            raise decode_error from None
+        raise
+    check_expected(layout, load.opts.expected(group.requests[0].storage_index), group.where)
+    _execute(source, layout, group, load, load.caps[group.path], load.opts.verify)
+
+
+def _decode(opts: ReadOptions, info: _StorageInfo, stored: bytes, where: str) -> bytes:
+    try:
+        return bytes(apply_decode(opts.registry, info.transform_descriptors or (), stored))
+    except CheckpointError:
+        raise
+    except Exception as err:  # a damaged compressed stream may fail in any way inside the codec
+        raise CorruptCheckpointError(
+            f"{where}: cannot undo stream transforms {list(info.transform_descriptors or ())}: "
+            f"{type(err).__name__}: {err}. The stored item is damaged; restore the file or load an earlier checkpoint."
+        ) from err
