@@ -10,6 +10,8 @@ import os
 
 __all__ = [
     "checksum_block_size",
+    "coalesce_gap_bytes",
+    "coalesce_span_bytes",
     "default_io_threads",
     "max_bytes_in_flight",
     "max_metadata_bytes",
@@ -20,6 +22,9 @@ __all__ = [
     "retry_max_seconds",
     "s3_part_size",
     "tile_checksums",
+    "verify_read_bytes",
+    "whole_item_bytes",
+    "write_slice_bytes",
 ]
 
 
@@ -114,3 +119,31 @@ def retry_attempts() -> int:
 def retry_max_seconds() -> int:
     """Total seconds one remote request may spend in retries (``DCPIO_RETRY_MAX_SECONDS``)."""
     return _int_env("DCPIO_RETRY_MAX_SECONDS", 60)
+
+
+# ------------------------------------------------------------------------------------------ the read planner
+def verify_read_bytes() -> int:
+    """Local files: bytes read per request while verifying (``DCPIO_VERIFY_READ_BYTES``): a few checksum blocks,
+    hashed while still in the CPU cache instead of streamed from memory a second time."""
+    return _int_env("DCPIO_VERIFY_READ_BYTES", 4 << 20)
+
+
+def whole_item_bytes() -> int:
+    """Local files: items up to this size are fetched whole and parsed in memory (``DCPIO_WHOLE_ITEM_BYTES``);
+    below it, the system calls and tensor operations per item cost more than its bytes."""
+    return _int_env("DCPIO_WHOLE_ITEM_BYTES", 256 << 10)
+
+
+def coalesce_gap_bytes() -> int:
+    """Neighbouring small items this close share one request (``DCPIO_COALESCE_GAP``)."""
+    return _int_env("DCPIO_COALESCE_GAP", 64 << 10)
+
+
+def coalesce_span_bytes() -> int:
+    """Local files: most bytes one shared request of small items covers (``DCPIO_COALESCE_SPAN``): cache-sized."""
+    return _int_env("DCPIO_COALESCE_SPAN", 1 << 20)
+
+
+def write_slice_bytes() -> int:
+    """Bytes of a record hashed and then written per step (``DCPIO_WRITE_SLICE``): cache-resident between the two."""
+    return _int_env("DCPIO_WRITE_SLICE", 2 << 20)

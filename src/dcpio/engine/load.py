@@ -45,10 +45,6 @@ from dcpio.transforms import apply_decode
 
 __all__ = ["ReadOptions", "capabilities", "read_plan"]
 
-_VERIFY_STEP = 4 << 20  # local files: bytes read per request when verifying, a few blocks, still cache-resident
-_SMALL_ITEM = 256 << 10  # local files: items up to this size are fetched whole and parsed in memory
-_COALESCE_GAP = 64 << 10  # neighbouring small items this close share one request
-_LOCAL_SPAN = 1 << 20  # local files: at most this many bytes per shared request
 _MAX_IO = 1 << 30  # below the most one system call moves on Linux
 _UNBOUNDED = 1 << 62
 
@@ -68,11 +64,21 @@ class ReadOptions:
 
 def capabilities(handle: ReadHandle) -> Capabilities:
     """What the planner may assume of ``handle``'s file."""
+    gap = knobs.coalesce_gap_bytes()
     if handle.prefers_large_reads:
+        # one request per record (head, data and tail together) and per part of neighbouring records
         part = knobs.s3_part_size()
-        return Capabilities(_UNBOUNDED, _UNBOUNDED, _COALESCE_GAP, part, part // 4, can_map=False, request_bound=True)
+        return Capabilities(_UNBOUNDED, _UNBOUNDED, gap, part, part // 4, can_map=False, request_bound=True)
     can_map = type(handle).mapped is not ReadHandle.mapped
-    return Capabilities(_MAX_IO, _VERIFY_STEP, _COALESCE_GAP, _LOCAL_SPAN, _SMALL_ITEM, can_map, request_bound=False)
+    return Capabilities(
+        _MAX_IO,
+        knobs.verify_read_bytes(),
+        gap,
+        knobs.coalesce_span_bytes(),
+        knobs.whole_item_bytes(),
+        can_map,
+        request_bound=False,
+    )
 
 
 @dataclass

@@ -39,7 +39,6 @@ __all__ = ["FileJob", "WriteOptions", "item_name", "write_files", "write_stats"]
 # every record starts on a 64-byte boundary of its file (torch.save aligns tensor data to 64 bytes within the
 # record), so tensor data is aligned in the file too and a memory map can be viewed as the tensor's dtype
 _RECORD_ALIGN = 64
-_WRITE_SLICE = 2 << 20  # bytes of a record hashed and written per step: cache-resident between the two
 
 
 @dataclass(frozen=True)
@@ -123,58 +122,8 @@ def _landed(entry: tuple[WriteItem, Any, Any, int]) -> tuple[WriteItem, Any]:
 
 def _write_one_file(fs: FileSystemBase, job: FileJob, planner: SavePlanner, opts: WriteOptions) -> list[WriteResult]:
     handle = fs.open_writer(job.path)
-    results: list[WriteResult] = []
-    descriptors = [ext.get_descriptor() for ext in reversed(opts.extensions)] or None
-    safetensors_items: list[tuple[WriteItem, torch.Tensor]] = []
     try:
-        # bytes items first, like torch, so a file's small objects sit together at its start
-        ordered = sorted(job.items, key=lambda it: it.type != WriteItemType.BYTE_IO)
-        for item, data in _resolved(ordered, planner, opts.copy_ahead):
-            keepalive: Any
-            tiles: TileChecksums | None = None
-            if item.type == WriteItemType.BYTE_IO:
-                if not isinstance(data, io.BytesIO):
-                    raise CheckpointWriteError(
-                        f"{job.path}: planner returned {type(data).__name__} for bytes item '{item.index.fqn}'"
-                    )
-                keepalive = data
-                pieces: list[memoryview] = [data.getbuffer()]
-            else:
-                if not isinstance(data, torch.Tensor):
-                    raise CheckpointWriteError(
-                        f"{job.path}: planner returned {type(data).__name__} for tensor item '{item.index.fqn}'"
-                    )
-                tensor = _cpu_contiguous(data)
-                if opts.serialization_format == "safetensors":
-                    safetensors_items.append((item, tensor))
-                    continue
-                keepalive = tensor
-                head, tail = encode_envelope(tensor.dtype, tuple(tensor.shape))
-                pieces = [memoryview(head), byte_view(tensor), memoryview(tail)]
-            if opts.extensions:
-                pieces = [memoryview(p) for p in encode(opts.extensions, pieces)]
-            pad = -handle.tell() % _RECORD_ALIGN
-            if pad:
-                handle.write([memoryview(bytes(pad))])
-            offset = handle.tell()
-            hasher = BlockHasher(offset, opts.checksum_block)
-            if not opts.extensions and isinstance(keepalive, torch.Tensor):
-                length, tiles = _write_record(handle, pieces, keepalive, hasher, offset + len(pieces[0]), opts)
-            else:
-                for piece in pieces:
-                    hasher.update(piece)
-                length = handle.write(pieces)
-            del keepalive
-            info = _StorageInfo(job.relative_path, offset, length, transform_descriptors=descriptors)
-            sums = hasher.finish()
-            if item.type != WriteItemType.BYTE_IO and not opts.extensions:
-                sums = sums.with_head(pieces[0])
-            setattr(info, ATTRIBUTE, sums.to_record())
-            if tiles is not None:
-                setattr(info, TILE_ATTRIBUTE, tiles.to_record())
-            results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=info))
-        if safetensors_items:
-            results += dcp_safetensors.write_blob(handle, job.relative_path, safetensors_items, opts.checksum_block)
+        results = _write_items(handle, job, planner, opts)
         if opts.sync:
             handle.sync()
         handle.close()
@@ -182,6 +131,69 @@ def _write_one_file(fs: FileSystemBase, job: FileJob, planner: SavePlanner, opts
         handle.abort()
         raise
     return results
+
+
+def _write_items(handle: WriteHandle, job: FileJob, planner: SavePlanner, opts: WriteOptions) -> list[WriteResult]:
+    results: list[WriteResult] = []
+    safetensors_items: list[tuple[WriteItem, torch.Tensor]] = []
+    # bytes items first, like torch, so a file's small objects sit together at its start
+    ordered = sorted(job.items, key=lambda it: it.type != WriteItemType.BYTE_IO)
+    for item, data in _resolved(ordered, planner, opts.copy_ahead):
+        if item.type == WriteItemType.BYTE_IO:
+            if not isinstance(data, io.BytesIO):
+                raise CheckpointWriteError(
+                    f"{job.path}: planner returned {type(data).__name__} for bytes item '{item.index.fqn}'"
+                )
+            results.append(_write_item(handle, job, item, [data.getbuffer()], None, opts))
+            continue
+        if not isinstance(data, torch.Tensor):
+            raise CheckpointWriteError(
+                f"{job.path}: planner returned {type(data).__name__} for tensor item '{item.index.fqn}'"
+            )
+        tensor = _cpu_contiguous(data)
+        if opts.serialization_format == "safetensors":
+            safetensors_items.append((item, tensor))
+            continue
+        head, tail = encode_envelope(tensor.dtype, tuple(tensor.shape))
+        pieces = [memoryview(head), byte_view(tensor), memoryview(tail)]
+        results.append(_write_item(handle, job, item, pieces, tensor, opts))
+    if safetensors_items:
+        results += dcp_safetensors.write_blob(handle, job.relative_path, safetensors_items, opts.checksum_block)
+    return results
+
+
+def _write_item(
+    handle: WriteHandle,
+    job: FileJob,
+    item: WriteItem,
+    pieces: list[memoryview],
+    tensor: torch.Tensor | None,
+    opts: WriteOptions,
+) -> WriteResult:
+    """Append one item (a tensor's record, or a bytes value) on a 64-byte boundary, with its checksum records."""
+    if opts.extensions:
+        pieces = [memoryview(p) for p in encode(opts.extensions, pieces)]
+    pad = -handle.tell() % _RECORD_ALIGN
+    if pad:
+        handle.write([memoryview(bytes(pad))])
+    offset = handle.tell()
+    hasher = BlockHasher(offset, opts.checksum_block)
+    tiles: TileChecksums | None = None
+    if not opts.extensions and tensor is not None:
+        length, tiles = _write_record(handle, pieces, tensor, hasher, offset + len(pieces[0]), opts)
+    else:
+        for piece in pieces:
+            hasher.update(piece)
+        length = handle.write(pieces)
+    descriptors = [ext.get_descriptor() for ext in reversed(opts.extensions)] or None
+    info = _StorageInfo(job.relative_path, offset, length, transform_descriptors=descriptors)
+    sums = hasher.finish()
+    if tensor is not None and not opts.extensions:
+        sums = sums.with_head(pieces[0])
+    setattr(info, ATTRIBUTE, sums.to_record())
+    if tiles is not None:
+        setattr(info, TILE_ATTRIBUTE, tiles.to_record())
+    return WriteResult(index=item.index, size_in_bytes=length, storage_data=info)
 
 
 def _write_record(
@@ -204,7 +216,7 @@ def _write_record(
         rows_u8 = data_rows(tensor)
         step = group_rows * rows_u8.shape[1]
     else:
-        step = _WRITE_SLICE
+        step = knobs.write_slice_bytes()
     hasher.update(head)
     lead = [head]
     written = 0
