@@ -521,12 +521,14 @@ def _consolidate(
     fs: FileSystemBase,
     input_dir: str,
     output_dir: str,
-    fqn_to_index_mapping: Mapping[str, int],
+    fqn_to_index_mapping: Mapping[str, int] | None,
     num_threads: int,
     sync: bool,
     only_indices: Callable[[int], bool],
 ) -> tuple[dict[str, str], int]:
     full = _gather_full_tensors(fs, input_dir, num_threads)
+    if fqn_to_index_mapping is None:  # torch's documented meaning: every tensor in one output file
+        fqn_to_index_mapping = dict.fromkeys(full, 1)
     unmapped = sorted(set(full) - set(fqn_to_index_mapping))
     absent = sorted(set(fqn_to_index_mapping) - set(full))
     if unmapped or absent:
@@ -565,7 +567,7 @@ def _consolidate(
 def consolidate_safetensors_files(
     input_dir: str,
     output_dir: str,
-    fqn_to_index_mapping: dict[str, int],
+    fqn_to_index_mapping: dict[str, int] | None,
     num_threads: int = 1,
     *,
     _fs: FileSystemBase | None = None,
@@ -582,6 +584,7 @@ def consolidate_safetensors_files(
         input_dir: directory of the shard files.
         output_dir: where ``model-0000i-of-0000N.safetensors`` and the index go (index last).
         fqn_to_index_mapping: tensor name -> output file index (1..N); must name exactly the tensors of the shards.
+            None puts every tensor in one file (``model-00001-of-00001.safetensors``).
         num_threads: output files assembled in parallel.
     """
     fs = _fs if _fs is not None else FileSystem()
@@ -595,7 +598,7 @@ def consolidate_safetensors_files(
 def consolidate_safetensors_files_on_every_rank(
     input_dir: str,
     output_dir: str,
-    fqn_to_index_mapping: dict[str, int],
+    fqn_to_index_mapping: dict[str, int] | None,
     num_threads: int = 1,
     process_group: Any = None,
     *,
