@@ -11,9 +11,12 @@ setup() {
     if [ ! -x "$VENV/bin/python" ]; then
         "$PY" -m venv "$VENV"
     fi
-    # torch first, pinned to the CPU build (constraints.txt): an unpinned request would pull a multi-GB CUDA build
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt "torch==2.13.0"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+    # torch first, pinned to the CPU build (constraints.txt): an unpinned request would pull a multi-GB CUDA build.
+    # pip prints what it fetches (a download bar on a terminal): the first set-up takes a few minutes.
+    echo "dev.sh: installing torch 2.13.0 (CPU build) into $VENV ..." >&2
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -c constraints.txt "torch==2.13.0"
+    echo "dev.sh: installing dcpio with its [dev] extra (test servers, linters) ..." >&2
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -c constraints.txt -e ".[dev]"
 }
 
 cmd="${1:-test}"
@@ -28,8 +31,8 @@ case "$cmd" in
         ;;
     test)
         setup
-        "$VENV/bin/ruff" check src tests
-        "$VENV/bin/ruff" format --check src tests
+        "$VENV/bin/ruff" check src tests benchmarks
+        "$VENV/bin/ruff" format --check src tests benchmarks
         "$VENV/bin/mypy"
         "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
         ;;

@@ -136,28 +136,162 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert "hint:" in err and "Traceback" not in err
 
 
-def test_bench_dispatches(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "--help"]) == EXIT_OK
-    assert "usage: dcpio bench" in capsys.readouterr().out
+def test_bench_starts_the_benchmark_of_the_checkout() -> None:
+    # the benchmark is not in the package: `dcpio bench` runs benchmarks/run.py of this source checkout
+    proc = _run(["bench", "--help"])
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert "usage: dcpio bench" in proc.stdout and "--rounds" in proc.stdout
+    proc = _run(["bench", "--cases", "nonsense"])
+    assert proc.returncode == EXIT_USAGE
+    assert "unknown case(s) ['nonsense']" in proc.stderr
 
 
-def test_bench_missing_module_is_one_line_error() -> None:
-    # a real interpreter in which dcpio.bench cannot be imported: the CLI must say so and exit 2
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'dcpio.bench':\n"
-        "            raise ImportError('blocked for the test')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "from dcpio.cli.main import main\n"
-        "sys.exit(main(['bench']))\n"
+def test_bench_outside_a_checkout_is_one_line_error(tmp_path: Path) -> None:
+    # an installed package (a copy of dcpio with no benchmarks/ folder beside it): the CLI says where the bench is
+    shutil.copytree(Path(SRC_DIR) / "dcpio", tmp_path / "site" / "dcpio")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), NO_COLOR="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dcpio", "bench"], capture_output=True, text=True, env=env, timeout=120
     )
-    env = dict(os.environ, PYTHONPATH=SRC_DIR)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == EXIT_USAGE, proc.stderr
-    assert proc.stderr.startswith("dcpio: error: the benchmark is not available")
-    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("dcpio: error: the benchmark is not part of the installed package")
+    assert "benchmarks/run.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_library_never_imports_the_benchmark() -> None:
+    # every module of the package imported: none of them pulls in the benchmark
+    code = (
+        "import pkgutil, importlib, sys, dcpio\n"
+        "for m in pkgutil.walk_packages(dcpio.__path__, 'dcpio.'):\n"
+        "    if m.name != 'dcpio.__main__':\n"
+        "        importlib.import_module(m.name)\n"
+        "print(sorted(n for n in sys.modules if n.startswith(('dcpio_bench', 'dcpio.bench'))))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=SRC_DIR)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# -------------------------------------------------------------------------------------- the command's surface
+_IMPORTS_AFTER = (
+    "import sys\n"
+    "from dcpio.cli.main import main\n"
+    "rc = main({argv!r})\n"
+    "print('RC', rc, 'TORCH', 'torch' in sys.modules, file=sys.stderr)\n"
+)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["--version"],
+        ["verify", "--help"],
+        ["no-such-command"],
+        ["convert", "a", "b"],
+        ["diff", "--atol", "-1", "a", "b"],
+        ["demo", "--steps", "-1"],
+    ],
+)
+def test_help_version_and_argument_errors_do_not_import_torch(argv: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AFTER.format(argv=argv)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=SRC_DIR),
+        timeout=120,
+    )
+    expected = EXIT_OK if argv[-1] in ("--help", "--version") else EXIT_USAGE
+    assert f"RC {expected} TORCH False" in proc.stderr, proc.stderr
+
+
+def test_version_and_python_m_dcpio() -> None:
+    env = dict(os.environ, PYTHONPATH=SRC_DIR)
+    proc = subprocess.run([sys.executable, "-m", "dcpio", "--version"], capture_output=True, text=True, env=env)
+    assert proc.returncode == EXIT_OK
+    assert proc.stdout.strip() == f"dcpio {dcpio.__version__}"
+    proc = subprocess.run([sys.executable, "-m", "dcpio"], capture_output=True, text=True, env=env)
+    assert proc.returncode == EXIT_USAGE and "usage: dcpio" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--atol", "-1"], "'-1' is not a tolerance"),
+        (["--atol", "nan"], "'nan' is not a tolerance"),
+        (["--atol", "inf"], "'inf' is not a tolerance"),
+        (["--atol", "lots"], "'lots' is not a number"),
+    ],
+)
+def test_nonsensical_atol_is_refused(
+    argv: list[str], message: str, dcpio_ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["diff", *argv, str(dcpio_ckpt), str(dcpio_ckpt)]) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", ["-1", "0", "two"])
+def test_nonsensical_demo_steps_are_refused(steps: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--steps", steps]) == EXIT_USAGE
+    assert "argument --steps" in capsys.readouterr().err
+
+
+def _not_checkpoints(root: Path, ckpt: Path) -> dict[str, tuple[Path, str]]:
+    empty = root / "empty"
+    empty.mkdir()
+    other = root / "notes"
+    other.mkdir()
+    (other / "readme.txt").write_text("not a checkpoint")
+    plain = root / "plain.txt"
+    plain.write_text("hello")
+    data_file = next(p for p in ckpt.iterdir() if p.name.endswith(".distcp"))
+    return {
+        "empty directory": (empty, "is an empty directory"),
+        "directory of other files": (other, "holds no checkpoint files"),
+        "plain file": (plain, "is not a checkpoint file"),
+        "data file": (data_file, f"pass the directory instead: dcpio {{cmd}} {ckpt}"),
+    }
+
+
+@pytest.mark.parametrize("cmd", ["inspect", "verify", "diff", "convert"])
+def test_paths_that_are_not_checkpoints_are_usage_errors(
+    cmd: str, tmp_path: Path, dcpio_ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for kind, (path, message) in _not_checkpoints(tmp_path, dcpio_ckpt).items():
+        argv = {
+            "inspect": ["inspect", str(path)],
+            "verify": ["verify", str(path)],
+            "diff": ["diff", str(dcpio_ckpt), str(path)],
+            "convert": ["convert", str(path), str(tmp_path / "out"), "--to", "dcp"],
+        }[cmd]
+        assert main(argv) == EXIT_USAGE, kind
+        err = capsys.readouterr().err
+        assert err.startswith(f"dcpio: error: {path} "), (kind, err)
+        assert message.format(cmd=cmd) in err, (kind, err)
+        assert "hint: run `dcpio verify" not in err and "corrupt" not in err.lower(), (kind, err)
+        assert not (tmp_path / "out").exists()
+
+
+def test_quiet_hides_notes(damaged: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (damaged / "stray.distcp").write_bytes(b"left over")
+    assert main(["verify", str(damaged)]) == EXIT_OK
+    assert "note: 1 file(s) not referenced" in capsys.readouterr().out
+    for argv in (["-q", "verify", str(damaged)], ["verify", "-q", str(damaged)]):
+        assert main(argv) == EXIT_OK
+        out = capsys.readouterr().out
+        assert out.startswith("OK") and "note:" not in out and "stray.distcp" not in out
+
+
+def test_verify_hint_names_the_path_and_only_where_it_helps(damaged: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (damaged / ".metadata").write_bytes(b"\x80\x04garbage")
+    assert main(["inspect", str(damaged)]) == EXIT_PROBLEM
+    err = capsys.readouterr().err
+    assert f"hint: run `dcpio verify {damaged}` for a full report" in err
+    assert main(["verify", str(damaged)]) == EXIT_PROBLEM
+    captured = capsys.readouterr()
+    assert "dcpio verify" not in captured.out + captured.err
 
 
 # ------------------------------------------------------------------------------------------------- inspect
@@ -251,13 +385,19 @@ def test_verify_reports_every_damaged_tensor(damaged: Path) -> None:
 def test_verify_truncated_file(damaged: Path, capsys: pytest.CaptureFixture[str]) -> None:
     info = _storage_info(damaged, "shapes.big_1d")
     victim = damaged / info.relative_path
-    size = victim.stat().st_size
-    os.truncate(victim, size - 1000)
+    os.truncate(victim, info.offset + info.length // 2)  # inside big_1d: it and every item after it are cut
     assert main(["verify", str(damaged)]) == EXIT_PROBLEM
     out = capsys.readouterr().out
     assert info.relative_path in out and "truncated" in out
     report = verify_checkpoint(damaged)
     assert any(p.kind == "truncated" and p.file == info.relative_path for p in report.problems)
+    # one line for the file, with the items it takes down counted, not one line per item
+    lost = [p.item for p in report.problems if p.item is not None]
+    assert lost and "shapes.big_1d" in lost
+    problem_lines = [ln for ln in out.splitlines() if ln.startswith("  ")]
+    assert len(problem_lines) == 1, out
+    assert f"{len(lost)} item(s) in it cannot be read: " in problem_lines[0]
+    assert all(f"[{item}]" not in out for item in lost)
 
 
 def test_verify_missing_metadata(damaged: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -279,11 +419,14 @@ def test_verify_missing_and_unreferenced_files(damaged: Path, capsys: pytest.Cap
     (damaged / "stray.distcp").write_bytes(b"left over")
     assert main(["verify", str(damaged)]) == EXIT_PROBLEM
     out = capsys.readouterr().out
-    assert "missing-file" in out and info.relative_path in out and "model.layers.0.weight" in out
+    assert "missing-file" in out and info.relative_path in out
     assert "stray.distcp" in out
     report = verify_checkpoint(damaged)
     assert report.unreferenced == ["stray.distcp"]
     assert "model.layers.0.weight" in report.damaged_items()
+    # the missing file is one line that counts what it held, not a line per item
+    assert f"{len(report.damaged_items())} item(s) in it cannot be read" in out
+    assert "[model.layers.0.weight]" not in out
 
 
 def test_verify_subprocess_damaged_plain_output(damaged: Path) -> None:
@@ -567,7 +710,16 @@ def test_s3_url_subprocess_with_storage_options(s3: S3Endpoint, tmp_path: Path) 
     proc = _run(["convert", url, str(pt), "--to", "torch", *opts])
     assert proc.returncode == EXIT_OK, proc.stderr
     assert bitwise_equal(torch.load(pt, weights_only=True)["w"], sd["w"])
-    # without the keys the server refuses: a one-line error, no traceback, not exit 3
-    proc = _run(["inspect", url, f"-oclient_kwargs={json.dumps(s3.storage_options['client_kwargs'])}"])
-    assert proc.returncode in (EXIT_PROBLEM, EXIT_USAGE), proc.stderr
-    assert proc.stderr.startswith("dcpio: error: ") and "Traceback" not in proc.stderr
+    # without keys (none in the environment either), or with wrong ones: an environment error (exit 2) in one line
+    no_keys = {
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+    }
+    endpoint = f"-oclient_kwargs={json.dumps(s3.storage_options['client_kwargs'])}"
+    for extra in ([], ["-okey=wrong", "-osecret=wrong"]):
+        proc = _run(["inspect", url, endpoint, *extra], env=no_keys)
+        assert proc.returncode == EXIT_USAGE, proc.stderr
+        assert proc.stderr.startswith("dcpio: error: ") and "Traceback" not in proc.stderr
+        assert "hint: pass credentials with -o key=... -o secret=..." in proc.stderr

@@ -397,6 +397,21 @@ def test_consolidate_mapping_mismatch_is_clear(tmp_path: Path) -> None:
         consolidate_safetensors_files(str(tmp_path), str(tmp_path / "o"), {"a": 1})
 
 
+def test_consolidate_without_a_mapping_writes_one_file(tmp_path: Path) -> None:
+    # torch documents fqn_to_index_mapping=None as "everything in one output file"
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    w = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    _manual_shard(shards / "shard-00001-model-00001-of-00001.safetensors", {"w": (w[:2], [0, 0]), "b": (w[0], [0])})
+    _manual_shard(shards / "shard-00002-model-00001-of-00001.safetensors", {"w": (w[2:], [2, 0])})
+    out = tmp_path / "out"
+    consolidate_safetensors_files(str(shards), str(out), None, num_threads=2)
+    assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-00001.safetensors", INDEX]
+    got = load_file(str(out / "model-00001-of-00001.safetensors"))
+    assert torch.equal(got["w"], w) and torch.equal(got["b"], w[0])
+    assert set(json.loads((out / INDEX).read_text())["weight_map"]) == {"w", "b"}
+
+
 # ------------------------------------------------------------------------------------------ gloo, 2 ranks
 def _originals() -> dict[str, torch.Tensor]:
     g = _gen(10)

@@ -11,10 +11,11 @@ Use dcpio's classes where you would use torch's::
 
 from __future__ import annotations
 
+import importlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dcpio.engine import IOStats
+from dcpio._version import __version__
 from dcpio.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -26,19 +27,21 @@ from dcpio.errors import (
     StorageFullError,
     UnsafeCheckpointError,
 )
-from dcpio.movers.base import FileSystemBase
-from dcpio.movers.local import FileSystem
-from dcpio.reader import FileSystemReader
-from dcpio.transforms import Extension, ExtensionRegistry, StreamTransformExtension, ZStandard
-from dcpio.writer import DEFAULT_SUFFIX, FileSystemWriter, SerializationFormat
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from dcpio.engine.sources import IOStats
+    from dcpio.formats.hf import HuggingFaceStorageReader, HuggingFaceStorageWriter, consolidate_safetensors_files
+    from dcpio.fsspec_storage import FsspecReader, FsspecWriter
+    from dcpio.movers.base import FileSystemBase
+    from dcpio.movers.local import FileSystem
+    from dcpio.reader import FileSystemReader
+    from dcpio.transforms import Extension, ExtensionRegistry, StreamTransformExtension, ZStandard
+    from dcpio.writer import DEFAULT_SUFFIX, FileSystemWriter, SerializationFormat
 
 # a library stays silent unless the application configures logging (INFO: one line per save and load)
 logging.getLogger("dcpio").addHandler(logging.NullHandler())
 
 __all__ = [
-    "IOStats",
     "DEFAULT_SUFFIX",
     "CheckpointError",
     "CheckpointExistsError",
@@ -55,6 +58,7 @@ __all__ = [
     "FsspecWriter",
     "HuggingFaceStorageReader",
     "HuggingFaceStorageWriter",
+    "IOStats",
     "IncompleteCheckpointError",
     "PlanMismatchError",
     "SerializationFormat",
@@ -62,11 +66,24 @@ __all__ = [
     "StreamTransformExtension",
     "UnsafeCheckpointError",
     "ZStandard",
+    "__version__",
     "consolidate_safetensors_files",
 ]
 
-# optional backends load on first use so that `import dcpio` stays light and works without fsspec/safetensors extras
+# Everything that needs torch loads on first use: `import dcpio` (and so `dcpio --help`, `dcpio --version` and the
+# command's argument errors) then costs milliseconds instead of torch's import, and works without the optional extras.
 _LAZY = {
+    "IOStats": "dcpio.engine.sources",
+    "DEFAULT_SUFFIX": "dcpio.writer",
+    "FileSystemWriter": "dcpio.writer",
+    "SerializationFormat": "dcpio.writer",
+    "FileSystemReader": "dcpio.reader",
+    "FileSystemBase": "dcpio.movers.base",
+    "FileSystem": "dcpio.movers.local",
+    "Extension": "dcpio.transforms",
+    "ExtensionRegistry": "dcpio.transforms",
+    "StreamTransformExtension": "dcpio.transforms",
+    "ZStandard": "dcpio.transforms",
     "FsspecWriter": "dcpio.fsspec_storage",
     "FsspecReader": "dcpio.fsspec_storage",
     "HuggingFaceStorageWriter": "dcpio.formats.hf",
@@ -79,6 +96,10 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dcpio' has no attribute {name!r}")
-    import importlib
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-    return getattr(importlib.import_module(module), name)
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -14,16 +14,14 @@ fsspec as keywords, exactly as with torch's classes::
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from dcpio.movers.fsspec import FsspecFileSystem
 from dcpio.reader import FileSystemReader
 from dcpio.writer import FileSystemWriter, SerializationFormat
 
-__all__ = ["FsspecBenchResult", "FsspecReader", "FsspecWriter", "bench_against_torch"]
+__all__ = ["FsspecReader", "FsspecWriter"]
 
 
 class FsspecWriter(FileSystemWriter):
@@ -106,94 +104,3 @@ class FsspecReader(FileSystemReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return FsspecFileSystem.validate_checkpoint_id(checkpoint_id)
-
-
-@dataclass(frozen=True)
-class FsspecBenchResult:
-    """Seconds per save and load for dcpio's and torch's fsspec classes on the same store, same state dict."""
-
-    bytes: int
-    dcpio_save_s: float
-    torch_save_s: float
-    dcpio_load_s: float
-    torch_load_s: float
-
-    @property
-    def save_speedup(self) -> float:
-        """torch's save time over dcpio's (above 1: dcpio is faster)."""
-        return self.torch_save_s / self.dcpio_save_s
-
-    @property
-    def load_speedup(self) -> float:
-        return self.torch_load_s / self.dcpio_load_s
-
-    def as_dict(self) -> dict[str, float]:
-        out: dict[str, float] = {k: float(v) for k, v in asdict(self).items()}
-        out["save_speedup"] = self.save_speedup
-        out["load_speedup"] = self.load_speedup
-        out["dcpio_save_MBps"] = self.bytes / 1e6 / self.dcpio_save_s
-        out["torch_save_MBps"] = self.bytes / 1e6 / self.torch_save_s
-        out["dcpio_load_MBps"] = self.bytes / 1e6 / self.dcpio_load_s
-        out["torch_load_MBps"] = self.bytes / 1e6 / self.torch_load_s
-        return out
-
-
-def bench_against_torch(
-    url: str,
-    *,
-    total_bytes: int = 256 << 20,
-    n_tensors: int = 16,
-    thread_count: int = 4,
-    repeats: int = 1,
-    **storage_options: Any,
-) -> FsspecBenchResult:
-    """Save and load one state dict with dcpio's and torch's ``FsspecWriter``/``FsspecReader``; best of N.
-
-    Both write under ``url`` (``<url>/dcpio`` and ``<url>/torch``) with the same ``thread_count`` and storage
-    options, and every load is checked bit for bit. For an S3 server on this machine start moto
-    (``moto_server -H 127.0.0.1 -p PORT``), create a bucket and pass ``key``, ``secret`` and
-    ``client_kwargs={"endpoint_url": "http://127.0.0.1:PORT"}``.
-
-    Returns:
-        The best time of ``repeats`` runs for each of the four operations.
-    """
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader as TorchReader
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter as TorchWriter
-
-    per = max(1, total_bytes // n_tensors // 4)
-    gen = torch.Generator().manual_seed(0)
-    state = {f"w{i}": torch.randn(per, generator=gen) for i in range(n_tensors)}
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    base = url.rstrip("/")
-
-    def timed(fn: Any) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    def check(loaded: dict[str, torch.Tensor], who: str) -> None:
-        for k, v in state.items():
-            if not torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8)):
-                raise AssertionError(f"bench: {who} loaded different bytes for {k}")
-
-    def save(writer_cls: Any, where: str, **kw: Any) -> float:
-        writer = writer_cls(where, thread_count=thread_count, **kw, **storage_options)
-        return timed(lambda: dcp.save(state, storage_writer=writer))
-
-    def load(reader: Any, who: str) -> float:
-        out = {k: torch.empty_like(v) for k, v in state.items()}
-        seconds = timed(lambda: dcp.load(out, storage_reader=reader))
-        check(out, who)
-        return seconds
-
-    best = {"ds": float("inf"), "ts": float("inf"), "dl": float("inf"), "tl": float("inf")}
-    d_url, t_url = f"{base}/dcpio", f"{base}/torch"
-    for _ in range(repeats):
-        best["ds"] = min(best["ds"], save(FsspecWriter, d_url))
-        best["ts"] = min(best["ts"], save(TorchWriter, t_url))
-        reader = FsspecReader(d_url, thread_count=thread_count, **storage_options)
-        best["dl"] = min(best["dl"], load(reader, "dcpio"))
-        best["tl"] = min(best["tl"], load(TorchReader(t_url, **storage_options), "torch"))
-    return FsspecBenchResult(nbytes, best["ds"], best["ts"], best["dl"], best["tl"])

@@ -6,25 +6,38 @@ tables, and maps outcomes to exit codes:
     0  success: the checkpoint is sound, the checkpoints match, the conversion or demo finished
     1  a checkpoint problem was found: damaged or missing data (verify), a difference (diff), a checkpoint that
        cannot be read, a demo whose resumed state is not bit-exact
-    2  usage or environment error: bad arguments, a path that does not exist, a destination already there
+    2  usage or environment error: bad arguments, a path that does not exist or is not a checkpoint (an empty
+       directory, a plain file, one data file of a checkpoint), missing or refused credentials, a destination
+       already there
     3  unexpected failure (a bug): rerun with --debug for the traceback and please report it
 
+Nothing here imports torch until a command runs, so ``--help``, ``--version`` and argument errors answer at once.
 Progress bars (rich) appear only when stderr is a terminal and --quiet is not given; NO_COLOR is honoured.
+
+Example::
+
+    from dcpio.cli.main import main
+    exit_code = main(["verify", "ckpt/step-1000"])
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
+import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TextIO
 
-from dcpio.errors import CheckpointError, CheckpointExistsError
+from dcpio._version import __version__
+from dcpio.errors import CheckpointError, CheckpointExistsError, IncompleteCheckpointError
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_PROBLEM", "EXIT_USAGE", "build_parser", "entry", "main"]
 
@@ -37,14 +50,25 @@ _EXIT_CODES_HELP = """\
 exit codes:
   0  success (sound checkpoint, checkpoints match, conversion/demo done)
   1  checkpoint problem found (damaged or missing data, a difference, unreadable checkpoint)
-  2  usage or environment error (bad arguments, missing path, destination exists)
+  2  usage or environment error (bad arguments, missing path or not a checkpoint,
+     missing credentials, destination exists)
   3  unexpected failure: rerun with --debug and report the traceback
 
 environment: NO_COLOR disables colour; progress bars only on a terminal (never with --quiet)."""
 
 
 class UsageError(Exception):
-    """A mistake in how the command was called (exit code 2)."""
+    """A mistake in how the command was called (exit code 2); ``hint`` None when the message says what to do."""
+
+    def __init__(self, message: str, hint: str | None = "see dcpio --help") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+# the names of a DCP checkpoint's own files: data files (__0_0.distcp) and per-rank metadata (__0.metadata)
+_DCP_MEMBER = re.compile(r"^__\d+(_\d+.*)?\.(distcp|metadata)$|\.distcp$")
+# botocore's names for "no usable credentials": an environment problem, not a damaged checkpoint
+_CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError"})
 
 
 def _fmt_bytes(n: float) -> str:
@@ -71,6 +95,11 @@ class _UI:
         """A progress note on stderr (suppressed by --quiet)."""
         if not self.quiet:
             print(line, file=self.err)
+
+    def note(self, line: str) -> None:
+        """A ``note:`` line on stdout, beside the result (suppressed by --quiet)."""
+        if not self.quiet:
+            print(f"{self.style('note', 'yellow')}: {line}", file=self.out)
 
     def style(self, text: str, color: str) -> str:
         if not self.color:
@@ -144,10 +173,49 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> list[str]:
     return [fmt(header), *(fmt(r) for r in rows)]
 
 
+# --------------------------------------------------------------------------------------------------- paths
+def _check_path(path: str, command: str) -> None:
+    """Refuse, as a usage error (exit 2), a local path that cannot be a checkpoint, before anything is read.
+
+    An empty directory, a directory with no checkpoint files, a plain file and one data file of a DCP checkpoint
+    are mistakes in the command line, not damaged checkpoints. A directory holding data files but no ``.metadata``
+    is left to the command: that is a checkpoint whose save never committed (exit 1). URLs and missing paths are
+    left to the command too.
+    """
+    if "://" in path or not os.path.exists(path):
+        return
+    what = "point at a DCP checkpoint directory (the one holding .metadata), a Hugging Face folder or a torch.save file"
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if not names:
+            raise UsageError(f"{path} is an empty directory, not a checkpoint; {what}", None)
+        if not any(n == ".metadata" or n.endswith(".safetensors") or _DCP_MEMBER.search(n) for n in names):
+            raise UsageError(
+                f"{path} holds no checkpoint files (no .metadata, *.distcp or *.safetensors); {what}", None
+            )
+        return
+    name = os.path.basename(path)
+    if name == ".metadata" or name.endswith(".safetensors"):
+        return
+    if _DCP_MEMBER.search(name):
+        folder = os.path.dirname(path) or "."
+        raise UsageError(
+            f"{path} is one file of the DCP checkpoint in {folder}; "
+            f"pass the directory instead: dcpio {command} {folder}",
+            None,
+        )
+    with open(path, "rb") as stream:
+        if stream.read(4) != b"PK\x03\x04":
+            raise UsageError(
+                f"{path} is not a checkpoint file (neither a torch.save file nor .safetensors); {what}", None
+            )
+
+
 # --------------------------------------------------------------------------------------------------- commands
 def _cmd_inspect(args: argparse.Namespace, ui: _UI) -> int:
     from dcpio.tools.inspect import inspect_checkpoint
 
+    _check_path(args.path, "inspect")
     s = inspect_checkpoint(args.path, storage_options=_storage_options(args))
     if args.json:
         ui.print(json.dumps(s.to_dict(), indent=2))
@@ -192,6 +260,7 @@ def _cmd_inspect(args: argparse.Namespace, ui: _UI) -> int:
 def _cmd_verify(args: argparse.Namespace, ui: _UI) -> int:
     from dcpio.tools.verify import verify_checkpoint
 
+    _check_path(args.path, "verify")
     t0 = time.perf_counter()
     with ui.progress("verifying") as progress:
         report = verify_checkpoint(args.path, progress=progress, storage_options=_storage_options(args))
@@ -206,25 +275,49 @@ def _cmd_verify(args: argparse.Namespace, ui: _UI) -> int:
             f"{_fmt_bytes(report.bytes_read)} read in {dt:.1f}s, {what}"
         )
     else:
+        lines = _problem_lines(report.problems)
         files = report.damaged_files()
         ui.print(
-            f"{ui.style('DAMAGED', 'red')}  {report.path}: {len(report.problems)} problem(s)"
+            f"{ui.style('DAMAGED', 'red')}  {report.path}: {len(lines)} problem(s)"
             + (f" in {', '.join(files)}" if files else "")
         )
-        for p in report.problems:
-            where = " ".join(x for x in (p.file or "", f"[{p.item}]" if p.item else "") if x)
-            ui.print(f"  {p.kind:<13} {where}: {p.message}")
+        for line in lines:
+            ui.print(line)
     if report.unreferenced:
-        ui.print(
-            f"{ui.style('note', 'yellow')}: {len(report.unreferenced)} file(s) not referenced by the metadata "
+        ui.note(
+            f"{len(report.unreferenced)} file(s) not referenced by the metadata "
             f"(leftovers; loading ignores them): {', '.join(report.unreferenced)}"
         )
     return EXIT_OK if report.ok else EXIT_PROBLEM
 
 
+def _problem_lines(problems: Sequence[Any]) -> list[str]:
+    """One line per problem, except that a missing or truncated file takes the problems of its items into its own
+    line (counted, the first few named): they all follow from it, and a line per tensor would bury it."""
+    whole = {p.file for p in problems if p.item is None and p.file and p.kind in ("missing-file", "truncated")}
+    items_of: dict[str, list[str]] = {}
+    for p in problems:
+        if p.item is not None and p.file in whole:
+            items_of.setdefault(p.file, []).append(p.item)
+    lines = []
+    for p in problems:
+        if p.item is not None and p.file in whole:
+            continue
+        where = " ".join(x for x in (p.file or "", f"[{p.item}]" if p.item else "") if x)
+        line = f"  {p.kind:<13} {where}: {p.message}"
+        lost = items_of.get(p.file or "", []) if p.item is None else []
+        if lost:
+            shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+            line += f" {len(lost)} item(s) in it cannot be read: {shown}"
+        lines.append(line)
+    return lines
+
+
 def _cmd_diff(args: argparse.Namespace, ui: _UI) -> int:
     from dcpio.tools.diff import diff_checkpoints
 
+    _check_path(args.a, "diff")
+    _check_path(args.b, "diff")
     with ui.progress("comparing") as progress:
         report = diff_checkpoints(
             args.a, args.b, atol=args.atol, progress=progress, storage_options=_storage_options(args)
@@ -251,6 +344,7 @@ def _cmd_convert(args: argparse.Namespace, ui: _UI) -> int:
         limit = parse_size(args.max_shard_size)
     except ValueError as err:
         raise UsageError(str(err)) from err
+    _check_path(args.src, "convert")
     t0 = time.perf_counter()
     with ui.progress(f"converting to {args.to}") as progress:
         res = convert(
@@ -269,8 +363,8 @@ def _cmd_convert(args: argparse.Namespace, ui: _UI) -> int:
         + (f" +{len(res.files) - 6} more" if len(res.files) > 6 else "")
     )
     if res.skipped:
-        ui.print(
-            f"{ui.style('note', 'yellow')}: {len(res.skipped)} non-tensor value(s) not representable in {args.to} "
+        ui.note(
+            f"{len(res.skipped)} non-tensor value(s) not representable in {args.to} "
             f"were left out: {', '.join(res.skipped[:10])}" + (" ..." if len(res.skipped) > 10 else "")
         )
     return EXIT_OK
@@ -305,15 +399,32 @@ def _cmd_demo(args: argparse.Namespace, ui: _UI) -> int:
     return EXIT_OK if res.bit_exact else EXIT_PROBLEM
 
 
-def _cmd_bench(args: argparse.Namespace, ui: _UI) -> int:
-    run = getattr(args, "_bench_run", None)
-    if run is None:
+def _bench_script() -> Path | None:
+    """``benchmarks/run.py`` of the source checkout this dcpio runs from, or None for an installed package."""
+    import dcpio
+
+    script = Path(dcpio.__file__).resolve().parent.parent.parent / "benchmarks" / "run.py"
+    return script if script.is_file() else None
+
+
+def _run_bench(argv: Sequence[str], ui: _UI) -> int:
+    """``dcpio bench ARGS``: the benchmark lives outside the package, in the checkout's ``benchmarks/``."""
+    script = _bench_script()
+    if script is None:
         ui.error(
-            "the benchmark is not available in this installation (dcpio.bench could not be imported)",
-            "reinstall dcpio from a full checkout: pip install -e '.[dev]'",
+            "the benchmark is not part of the installed package: it lives in the benchmarks/ folder of a source "
+            "checkout of dcpio",
+            "clone the repository and run `python benchmarks/run.py` there (or `dcpio bench` from an editable "
+            "install: pip install -e .)",
         )
         return EXIT_USAGE
-    return int(run(args))
+    import dcpio
+
+    # the benchmark must measure this same dcpio, whether it came from an install or from PYTHONPATH
+    env = dict(os.environ)
+    src = str(Path(dcpio.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    return subprocess.call([sys.executable, str(script), *argv], env=env)
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -331,6 +442,28 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------- parser
+def _tolerance(text: str) -> float:
+    """``--atol``: a finite number, zero or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a tolerance: give a finite number >= 0, e.g. 1e-6")
+    return value
+
+
+def _step_count(text: str) -> int:
+    """``--steps``: a whole number, one or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the demo needs at least 1 training step")
+    return value
+
+
 def _common() -> argparse.ArgumentParser:
     # SUPPRESS: a subcommand's copy of these flags must not reset what was given before the subcommand
     p = argparse.ArgumentParser(add_help=False)
@@ -349,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"dcpio {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -398,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="second checkpoint (any kind dcpio reads)")
     p.add_argument(
         "--atol",
-        type=float,
+        type=_tolerance,
         default=0.0,
         help="count tensors within this max abs difference as matching (default 0: bit for bit)",
     )
@@ -412,52 +546,115 @@ def build_parser() -> argparse.ArgumentParser:
         url=False,
     )
     p.add_argument("dir", nargs="?", default=None, help="keep the checkpoints here (default: a temporary directory)")
-    p.add_argument("--steps", type=int, default=3, help="training steps before saving (default 3)")
+    p.add_argument("--steps", type=_step_count, default=3, help="training steps before saving (default 3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_demo)
 
-    try:
-        from dcpio.bench import add_arguments, run_bench
-    except ImportError:
-        p = sub.add_parser("bench", help="the I/O benchmark (not available in this installation)")
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=_cmd_bench)
-    else:
-        p = sub.add_parser(
-            "bench",
-            help="benchmark dcpio's save and load against stock torch",
-            description="benchmark dcpio's save and load against stock torch",
-        )
-        add_arguments(p)
-        p.set_defaults(func=_cmd_bench, _bench_run=run_bench)
+    # listed for --help only: main() hands everything after "bench" to the benchmark script untouched
+    sub.add_parser(
+        "bench",
+        help="benchmark dcpio against stock torch and raw I/O (from a source checkout; dcpio bench --help)",
+        add_help=False,
+    )
     return parser
 
 
-def _hint_for(err: BaseException) -> str | None:
+def _credentials_missing(err: BaseException) -> bool:
+    """True when ``err`` or an error it was raised from says there were no usable credentials."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if type(cur).__name__ in _CREDENTIAL_ERRORS:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _hint_for(err: BaseException, args: argparse.Namespace) -> str | None:
+    remote = any("://" in str(getattr(args, name, "") or "") for name in ("path", "src", "a", "b"))
     if isinstance(err, FileNotFoundError):
         return "check the path; a DCP checkpoint is the directory holding .metadata"
-    if isinstance(err, PermissionError):
+    if isinstance(err, PermissionError) or _credentials_missing(err):
+        if remote:
+            return "pass credentials with -o key=... -o secret=... (or the AWS_* environment) and check the endpoint"
         return "check the file's owner and mode"
     if isinstance(err, CheckpointExistsError):
         return "choose another destination or pass --overwrite"
+    if isinstance(err, IncompleteCheckpointError) or args.command == "verify":
+        return "--debug shows the traceback"
     if isinstance(err, CheckpointError):
-        return "run `dcpio verify PATH` for a full report; --debug shows the traceback"
+        path = getattr(args, "path", None) or getattr(args, "src", None) or "PATH"
+        return f"run `dcpio verify {path}` for a full report; --debug shows the traceback"
     return None
 
 
+def _exit_code_for(err: Exception) -> int:
+    """The documented exit code of a failed command (see the module docstring)."""
+    if isinstance(err, UsageError | ValueError | CheckpointExistsError) or _credentials_missing(err):
+        return EXIT_USAGE
+    if isinstance(err, FileNotFoundError | PermissionError | NotADirectoryError | IsADirectoryError):
+        return EXIT_USAGE
+    if isinstance(err, CheckpointError):
+        return EXIT_PROBLEM
+    return EXIT_FAILURE
+
+
+def _report(err: Exception, args: argparse.Namespace, ui: _UI) -> int:
+    """Print ``err`` as one ``dcpio: error:`` line and a hint (the traceback too with --debug); return the exit code."""
+    code = _exit_code_for(err)
+    if getattr(args, "debug", False) and not isinstance(err, UsageError):
+        traceback.print_exc()
+    if isinstance(err, UsageError):
+        ui.error(str(err), err.hint)
+    elif isinstance(err, OSError) and not isinstance(err, CheckpointError) and err.filename:
+        message = err.strerror or str(err)
+        if str(err.filename) not in message:
+            message = f"{err.filename}: {message}"
+        ui.error(message, _hint_for(err, args))
+    elif code == EXIT_FAILURE:
+        first = str(err).splitlines()[0] if str(err) else ""
+        ui.error(
+            f"unexpected failure: {type(err).__name__}: {first}",
+            "this is a bug in dcpio; rerun with --debug and report the traceback",
+        )
+    else:
+        hint = "see dcpio COMMAND --help" if isinstance(err, ValueError) else _hint_for(err, args)
+        ui.error(str(err), hint)
+    return code
+
+
+def _split_bench(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """``(dcpio's own arguments, the benchmark's)``: everything after a ``bench`` command word is the benchmark's."""
+    for i, arg in enumerate(argv):
+        if arg == "bench":
+            return list(argv[: i + 1]), list(argv[i + 1 :])
+        if not arg.startswith("-"):
+            break
+    return list(argv), None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``dcpio`` command with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    """Run the ``dcpio`` command with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    Example:
+        >>> main(["--version"])  # doctest: +SKIP
+        dcpio 0.1.0
+        0
+    """
+    own, bench_argv = _split_bench(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on a usage error and 0 after --help
+        args = parser.parse_args(own)
+    except SystemExit as exc:  # argparse exits 2 on a usage error and 0 after --help / --version
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
-    debug = bool(getattr(args, "debug", False))
     ui = _UI(quiet=bool(getattr(args, "quiet", False)))
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
+        if bench_argv is not None:
+            return _run_bench(bench_argv, ui)
         return int(args.func(args, ui))
     except KeyboardInterrupt:
         ui.error("interrupted")
@@ -468,40 +665,8 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
-    except UsageError as err:
-        ui.error(str(err), "see dcpio --help")
-        return EXIT_USAGE
-    except (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as err:
-        if debug:
-            traceback.print_exc()
-        message = err.strerror or str(err)
-        if err.filename and str(err.filename) not in message:
-            message = f"{err.filename}: {message}"
-        ui.error(message, _hint_for(err))
-        return EXIT_USAGE
-    except CheckpointExistsError as err:
-        if debug:
-            traceback.print_exc()
-        ui.error(str(err), _hint_for(err))
-        return EXIT_USAGE
-    except CheckpointError as err:
-        if debug:
-            traceback.print_exc()
-        ui.error(str(err), _hint_for(err))
-        return EXIT_PROBLEM
-    except ValueError as err:
-        if debug:
-            traceback.print_exc()
-        ui.error(str(err), "see dcpio COMMAND --help")
-        return EXIT_USAGE
-    except Exception as err:  # the last line of defence: a bug, reported in one line unless --debug
-        if debug:
-            traceback.print_exc()
-        ui.error(
-            f"unexpected failure: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-            "this is a bug in dcpio; rerun with --debug and report the traceback",
-        )
-        return EXIT_FAILURE
+    except Exception as err:  # every failure becomes one line and a documented exit code
+        return _report(err, args, ui)
 
 
 def entry() -> None:

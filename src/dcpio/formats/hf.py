@@ -31,8 +31,6 @@ import json
 import math
 import os
 import re
-import statistics
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -89,7 +87,6 @@ __all__ = [
     "HuggingFaceLoadPlanner",
     "HuggingFaceStorageReader",
     "HuggingFaceStorageWriter",
-    "bench_hf",
     "consolidate_safetensors_files",
     "consolidate_safetensors_files_on_every_rank",
 ]
@@ -524,12 +521,14 @@ def _consolidate(
     fs: FileSystemBase,
     input_dir: str,
     output_dir: str,
-    fqn_to_index_mapping: Mapping[str, int],
+    fqn_to_index_mapping: Mapping[str, int] | None,
     num_threads: int,
     sync: bool,
     only_indices: Callable[[int], bool],
 ) -> tuple[dict[str, str], int]:
     full = _gather_full_tensors(fs, input_dir, num_threads)
+    if fqn_to_index_mapping is None:  # torch's documented meaning: every tensor in one output file
+        fqn_to_index_mapping = dict.fromkeys(full, 1)
     unmapped = sorted(set(full) - set(fqn_to_index_mapping))
     absent = sorted(set(fqn_to_index_mapping) - set(full))
     if unmapped or absent:
@@ -568,7 +567,7 @@ def _consolidate(
 def consolidate_safetensors_files(
     input_dir: str,
     output_dir: str,
-    fqn_to_index_mapping: dict[str, int],
+    fqn_to_index_mapping: dict[str, int] | None,
     num_threads: int = 1,
     *,
     _fs: FileSystemBase | None = None,
@@ -585,6 +584,7 @@ def consolidate_safetensors_files(
         input_dir: directory of the shard files.
         output_dir: where ``model-0000i-of-0000N.safetensors`` and the index go (index last).
         fqn_to_index_mapping: tensor name -> output file index (1..N); must name exactly the tensors of the shards.
+            None puts every tensor in one file (``model-00001-of-00001.safetensors``).
         num_threads: output files assembled in parallel.
     """
     fs = _fs if _fs is not None else FileSystem()
@@ -598,7 +598,7 @@ def consolidate_safetensors_files(
 def consolidate_safetensors_files_on_every_rank(
     input_dir: str,
     output_dir: str,
-    fqn_to_index_mapping: dict[str, int],
+    fqn_to_index_mapping: dict[str, int] | None,
     num_threads: int = 1,
     process_group: Any = None,
     *,
@@ -964,60 +964,3 @@ def _check_state_dict(state_dict: Mapping[str, Any], metadata: Metadata | None, 
                 f"{where}: key {fqn!r}: the model expects shape {list(size())} but {sorted(files.get(fqn, []))} "
                 f"hold shape {list(md.size)} ({md.properties.dtype}); load a matching model or checkpoint"
             )
-
-
-# ---------------------------------------------------------------------------------------------------------- bench
-def bench_hf(tmpdir: str, size_bytes: int, rounds: int = 3, thread_count: int | None = None) -> dict[str, float]:
-    """Load a ~``size_bytes`` hub-style folder into preallocated tensors: dcpio reader vs ``load_file`` + ``copy_``.
-
-    Writes 16 float32 matrices (four files, with an index) under ``tmpdir``, then alternates the two loads ``rounds``
-    times (warm page cache). Returns the median seconds and GB/s of each and ``ratio`` (dcpio speed / safetensors
-    speed; above 1 means dcpio is faster).
-    """
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import load_file
-
-    threads = thread_count if thread_count is not None else knobs.default_io_threads()
-    n = 16
-    cols = 1024
-    rows = max(1, size_bytes // (n * cols * 4))
-    folder = os.path.join(tmpdir, "hf_bench")
-    os.makedirs(folder, exist_ok=True)
-    fs = FileSystem()
-    weight_map: dict[str, str] = {}
-    for f in range(4):
-        name = _file_name(f + 1, 4)
-        tensors = {f"layer{f * 4 + i}.weight": torch.randn(rows, cols) for i in range(4)}
-        from dcpio.formats.safetensors import write_file
-
-        write_file(fs, os.path.join(folder, name), tensors, {"format": "pt"}, sync=False)
-        weight_map.update(dict.fromkeys(tensors, name))
-    total = n * rows * cols * 4
-    _write_index(fs, folder, weight_map, total, sync=False)
-    dest = {k: torch.empty(rows, cols) for k in weight_map}
-
-    def ours() -> None:
-        dcp.load(dest, storage_reader=HuggingFaceStorageReader(folder, thread_count=threads), no_dist=True)
-
-    def theirs() -> None:
-        for name in sorted(set(weight_map.values())):
-            for k, v in load_file(os.path.join(folder, name)).items():
-                dest[k].copy_(v)
-
-    times: dict[str, list[float]] = {"dcpio": [], "safetensors": []}
-    for _ in range(rounds):
-        for label, fn in (("dcpio", ours), ("safetensors", theirs)):
-            t0 = time.perf_counter()
-            fn()
-            times[label].append(time.perf_counter() - t0)
-    d = statistics.median(times["dcpio"])
-    s = statistics.median(times["safetensors"])
-    return {
-        "bytes": float(total),
-        "threads": float(threads),
-        "dcpio_s": d,
-        "safetensors_s": s,
-        "dcpio_gbps": total / d / 1e9,
-        "safetensors_gbps": total / s / 1e9,
-        "ratio": s / d,
-    }

@@ -53,7 +53,7 @@ from dcpio.errors import CheckpointError, CheckpointReadError, CheckpointWriteEr
 from dcpio.movers.base import FileSystemBase, PathLike, ReadHandle, WriteHandle, _truncated
 from dcpio.movers.local import FileSystem as _LocalFileSystem
 
-__all__ = ["FsspecFileSystem", "is_transient", "mover_throughput"]
+__all__ = ["FsspecFileSystem", "is_transient"]
 
 T = TypeVar("T")
 
@@ -906,52 +906,3 @@ class _RangedReadHandle(ReadHandle):
     def close(self) -> None:
         with self._lock:
             self._blocks.clear()
-
-
-def mover_throughput(
-    url: str, total_bytes: int = 256 << 20, files: int = 4, **storage_options: Any
-) -> dict[str, float]:
-    """Time raw uploads and ranged downloads through this mover (no DCP on top): MB/s each way.
-
-    Writes ``files`` objects of ``total_bytes / files`` under ``url`` in parallel threads, reads them back
-    whole, checks the bytes and removes them. Tells the store's speed apart from the checkpoint layer's cost.
-    """
-    mover = FsspecFileSystem(url, **storage_options)
-    per = total_bytes // files
-    payload = os.urandom(min(per, 1 << 20)) * (per // min(per, 1 << 20))
-    per = len(payload)
-    paths = [mover.concat_path(url, f"bench_{i}.bin") for i in range(files)]
-    mover.mkdir(url)
-
-    def put(path: str) -> None:
-        handle = mover.open_writer(path)
-        try:
-            view = memoryview(payload)
-            for s in range(0, per, 4 << 20):
-                handle.write([view[s : s + (4 << 20)]])
-            handle.close()
-        except BaseException:
-            handle.abort()
-            raise
-
-    def get(path: str) -> bytes:
-        out = bytearray(per)
-        handle = mover.open_reader(path)
-        handle.readinto(0, memoryview(out))
-        handle.close()
-        return bytes(out)
-
-    with ThreadPoolExecutor(files) as pool:
-        t0 = time.perf_counter()
-        for f in [pool.submit(put, p) for p in paths]:
-            f.result()
-        t1 = time.perf_counter()
-        results = [f.result() for f in [pool.submit(get, p) for p in paths]]
-        t2 = time.perf_counter()
-    for path in paths:
-        mover.remove_quietly(path)
-    mover.close()
-    if any(r != payload for r in results):
-        raise CheckpointReadError(f"{url}: bytes read back differ from those written (store or mover bug)")
-    mb = per * files / 1e6
-    return {"write_MBps": mb / (t1 - t0), "read_MBps": mb / (t2 - t1), "bytes": float(per * files)}

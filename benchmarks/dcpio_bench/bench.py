@@ -1,4 +1,4 @@
-"""``dcpio bench``: dcpio against stock torch DCP and raw I/O, measured side by side in one run.
+"""The dcpio benchmark: dcpio against stock torch DCP and raw I/O, measured side by side in one run.
 
 Every case alternates the systems it compares inside each round (the order rotates from round to round so
 that no system always runs first or last) and reports the median of the rounds, with the spread
@@ -25,7 +25,8 @@ Cases (``--cases``):
   ``safetensors.torch.load_file`` + ``copy_``) and exported (HF writers against ``save_file`` and raw writes).
 - ``s3``: dcpio's and torch's fsspec classes against a moto S3 server this bench starts on 127.0.0.1.
 
-Run ``python -m dcpio.bench --help`` or ``dcpio bench --help``; ``benchmarks/README.md`` explains each figure.
+Run ``python benchmarks/run.py --help`` (or ``dcpio bench --help`` in a source checkout); ``benchmarks/README.md``
+explains each figure.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ SYSTEMS = ("dcpio", "torch", "raw")
 MIB = 1 << 20
 GIB = 1 << 30
 STEP_VALUE = 1000
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 
 def _log(message: str) -> None:
@@ -301,7 +303,7 @@ def dcpio_attr(name: str) -> Any:
     """``dcpio.<name>`` when that part of dcpio has landed, else None."""
     try:
         import dcpio
-    except ImportError:  # pragma: no cover - the bench lives in dcpio
+    except ImportError:  # dcpio not installed: the bench still measures torch and raw I/O
         return None
     return getattr(dcpio, name, None)
 
@@ -519,12 +521,12 @@ def _available_memory() -> int | None:
 def even_free_pages(nbytes: int) -> list[tuple[set[int], int]]:
     """Leave about ``nbytes`` of just-freed memory on every CPU's free-page list before a timed write.
 
-    Why: Linux keeps freed pages on per-CPU lists (``pcp``; 900 MiB each on the 2-core VM of the README table),
-    and on a VM whose host takes back free memory a write that misses its CPU's list lands on pages the host
-    has to fault in again: a 1 GiB tmpfs write then ran as slow as 0.37 GB/s instead of 3. Deleting the previous
-    checkpoint on the bench's main thread filled only that CPU's list, so single-threaded writers (raw, torch)
-    got hot pages and dcpio's worker threads on the other CPU often did not. A thread pinned to each CPU
-    touches and frees ``nbytes`` here, so every writer starts from the same state whichever CPU it runs on.
+    Why: Linux keeps freed pages on per-CPU lists (``pcp``), and on a VM whose host takes back free memory a
+    write that misses its CPU's list lands on pages the host has to fault in again (``benchmarks/README.md`` has
+    the measurements). Deleting the previous checkpoint on the bench's main thread filled only that CPU's list, so
+    single-threaded writers (raw, torch) got hot pages and dcpio's worker threads on the other CPU often did not.
+    A thread pinned to each CPU touches and frees ``nbytes`` here, so every writer starts from the same state
+    whichever CPU it runs on.
     Where threads cannot be pinned (no ``sched_setaffinity``), one unpinned thread does it.
 
     All threads together touch at most a quarter of the available memory (a 128-core machine would otherwise
@@ -680,18 +682,20 @@ def _free_port() -> int:
 
 
 def _run_ranks(world: int, job: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
-    """Start ``world`` processes running ``job`` (see :mod:`dcpio.bench_workers`); collect their results."""
+    """Start ``world`` processes running ``job`` (see :mod:`dcpio_bench.workers`); collect their results."""
     port = _free_port()
     out_dir = tempfile.mkdtemp(prefix="dcpio-bench-ranks-")
     procs = []
     try:
         for rank in range(world):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+            # the workers import this package by name, whichever directory the bench was started from
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)
             env["MASTER_PORT"] = str(port)
             spec = dict(job, out=os.path.join(out_dir, f"rank{rank}.json"))
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "dcpio.bench_workers", json.dumps(spec)],
+                    [sys.executable, "-m", "dcpio_bench.workers", json.dumps(spec)],
                     env=env,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
@@ -812,7 +816,7 @@ def _case_async(cfg: BenchConfig, state: dict[str, Any], root: str) -> CaseResul
             dst.copy_(src)
 
     # information (no bar): the same tensors under one top-level key, as training loops pass {"model": ...}; torch's
-    # async_save spends about 25 us per top-level key before staging (a logging wrapper per key)
+    # async_save wraps every top-level key in a logging call before staging, which a flat dict pays per key
     nested = {"model": state}
 
     def blocking(writer: Any, path: str, obj: dict[str, Any] = state) -> float:
@@ -1198,8 +1202,8 @@ def evaluate_bars(cases: dict[str, CaseResult]) -> list[Bar]:
             "async_save blocking, cached staging <= 1.1x one memcpy into warm memory",
             "async",
             # the cached stager copies into buffers it already holds, so its memcpy is a copy_ into preallocated
-            # tensors: a clone() also allocates and faults in 1 GiB, which took 65 ms in one run and 240-310 ms in
-            # the next on the reference VM and would decide the bar by itself
+            # tensors: a clone() also allocates and faults in every page, a cost so variable on a VM that it would
+            # decide the bar by itself
             _median_ratio(cases, "async", "dcpio cached/copy_ into preallocated"),
             1.1,
             "<=",
@@ -1433,8 +1437,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dcpio.bench``."""
-    parser = argparse.ArgumentParser(prog="python -m dcpio.bench", description=__doc__.split("\n\n")[0])
+    """``python benchmarks/run.py`` / ``python -m dcpio_bench`` (with ``benchmarks/`` on the path)."""
+    parser = argparse.ArgumentParser(prog="dcpio bench", description=(__doc__ or "").split("\n\n")[0])
     add_arguments(parser)
     return run_bench(parser.parse_args(argv))
 

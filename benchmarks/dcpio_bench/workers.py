@@ -1,6 +1,6 @@
-"""Worker processes of ``dcpio bench``: gloo ranks for resharding, a fresh process for peak memory.
+"""Worker processes of the benchmark: gloo ranks for resharding, a fresh process for peak memory.
 
-Run as ``python -m dcpio.bench_workers '<json job>'`` by :mod:`dcpio.bench` only; the job names its ``mode``
+Run as ``python -m dcpio_bench.workers '<json job>'`` by :mod:`dcpio_bench.bench` only; the job names its ``mode``
 (``reshard-save``, ``reshard-load`` or ``peak``) and an ``out`` path where the worker writes its JSON result.
 Ranks read ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` from the environment.
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dcpio.bench import (
+from dcpio_bench.bench import (
     STEP_VALUE,
     TensorSpec,
     build_state_dict,
