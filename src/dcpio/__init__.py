@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_SUFFIX",
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointManager",
     "CheckpointReadError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
@@ -61,6 +62,7 @@ __all__ = [
 
 # optional backends load on first use so that `import dcpio` stays light and works without fsspec/safetensors extras
 _LAZY = {
+    "CheckpointManager": "dcpio.manager",
     "FsspecWriter": "dcpio.fsspec_storage",
     "FsspecReader": "dcpio.fsspec_storage",
     "HuggingFaceStorageWriter": "dcpio.formats.hf",
