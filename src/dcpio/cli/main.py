@@ -305,6 +305,55 @@ def _cmd_demo(args: argparse.Namespace, ui: _UI) -> int:
     return EXIT_OK if res.bit_exact else EXIT_PROBLEM
 
 
+def _cmd_ls(args: argparse.Namespace, ui: _UI) -> int:
+    from dcpio.manager import list_steps
+
+    infos = list_steps(args.root, local_root=args.local_root, storage_options=_storage_options(args))
+    if args.json:
+        ui.print(json.dumps([i.to_dict() for i in infos], indent=2))
+        return EXIT_OK
+    now = time.time()
+    rows = [
+        [str(i.step), i.tier, "yes" if i.committed else "NO", _fmt_bytes(i.size), str(i.files), _fmt_age(now - i.mtime)]
+        for i in infos
+    ]
+    for line in _table(rows, ["step", "tier", "committed", "size", "files", "age"]):
+        ui.print(line)
+    if not infos:
+        ui.info(f"{args.root}: no step directories (step-NNNNNNNN) found")
+    return EXIT_OK
+
+
+def _fmt_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{max(0.0, seconds):.0f}s"
+
+
+def _cmd_prune(args: argparse.Namespace, ui: _UI) -> int:
+    from dcpio.manager import prune
+
+    if args.keep < 1 or (args.keep_every is not None and args.keep_every < 1) or not args.grace >= 0:
+        raise UsageError("--keep and --keep-every must be at least 1, --grace 0 or more seconds")
+    report = prune(
+        args.root,
+        keep_last=args.keep,
+        keep_every=args.keep_every,
+        grace_s=args.grace,
+        dry_run=args.dry_run,
+        storage_options=_storage_options(args),
+    )
+    if args.json:
+        ui.print(json.dumps(report.to_dict(), indent=2))
+        return EXIT_OK
+    verb = "would delete" if args.dry_run else "deleted"
+    ui.print(f"kept {len(report.kept)} committed step(s): {', '.join(map(str, report.kept)) or 'none'}")
+    ui.print(f"{verb} {len(report.deleted)} committed step(s): {', '.join(map(str, report.deleted)) or 'none'}")
+    ui.print(f"{verb} {len(report.swept)} uncommitted leftover(s): {', '.join(map(str, report.swept)) or 'none'}")
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace, ui: _UI) -> int:
     run = getattr(args, "_bench_run", None)
     if run is None:
@@ -415,6 +464,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="training steps before saving (default 3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_demo)
+
+    p = add("ls", "list a CheckpointManager root's steps: committed or not, tier, size, age")
+    p.add_argument("root", help="the manager's root directory or fsspec URL")
+    p.add_argument("--local-root", default=None, help="also list this local tier")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_ls)
+
+    p = add("prune", "delete a CheckpointManager root's old steps: keep the newest N, sweep old uncommitted ones")
+    p.add_argument("root", help="the manager's root directory or fsspec URL")
+    p.add_argument("--keep", type=int, required=True, help="committed steps to keep (the newest is always kept)")
+    p.add_argument("--keep-every", type=int, default=None, help="also keep every step divisible by K")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        help="sweep uncommitted steps untouched for this many seconds (default 3600)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_prune)
 
     try:
         from dcpio.bench import add_arguments, run_bench
