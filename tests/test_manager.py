@@ -258,7 +258,7 @@ def test_two_ranks_save_retention_load(tmp_path: Path, two_tiers: bool) -> None:
         assert json.loads(out.strip().splitlines()[-1]) == {"steps": [3, 4], "loaded": 4}
     assert dirs(root) == [step_name(3), step_name(4)]
     names = sorted(p.name for p in (root / step_name(4)).iterdir())
-    assert names[-1] == ".metadata" and {n[:3] for n in names[:-1]} == {"__0", "__1"}  # both ranks' files
+    assert names[0] == ".metadata" and {n[:3] for n in names[1:]} == {"__0", "__1"}  # both ranks' files
     if local:
         assert dirs(Path(local)) == [step_name(4)]
 
