@@ -282,27 +282,42 @@ def _cmd_demo(args: argparse.Namespace, ui: _UI) -> int:
     res = run_demo(args.dir, steps=args.steps, log=ui.info)
     if args.json:
         ui.print(json.dumps(res.to_dict(), indent=2))
-        return EXIT_OK if res.bit_exact else EXIT_PROBLEM
+        return EXIT_OK if res.ok else EXIT_PROBLEM
+    ok, bad = ui.style("OK", "green"), ui.style("FAILED", "red")
     ui.print(
         f"model: {res.parameters / 1e6:.1f}M parameters; checkpoint: {_fmt_bytes(res.state_bytes)} "
-        f"(model + AdamW state) from {res.world_size} ranks, {len(res.files)} files"
+        f"(model + AdamW state) from {res.world_size} ranks, {len(res.files)} files per step"
     )
-    ui.print(f"save, dcpio.FileSystemWriter: {res.dcpio_save_s:6.2f} s  {res.dcpio_mb_s:8.1f} MB/s")
-    ui.print(f"save, torch FileSystemWriter: {res.torch_save_s:6.2f} s  {res.torch_mb_s:8.1f} MB/s")
-    ui.print(f"dcpio / torch throughput:     {res.speedup:.2f}x")
-    ui.print(f"resume on 1 process (dcpio.FileSystemReader): {res.load_s:.2f} s")
+    ui.print(
+        f"save, dcpio.FileSystemWriter via CheckpointManager: {res.save_s:.2f} s  {res.save_mb_s:.1f} MB/s "
+        f"(step {res.steps}); steps kept (keep_last=2): {', '.join(map(str, res.kept_steps))}"
+    )
+    ui.print(
+        f"{ok if res.crash_intact else bad}  crashed save: step {res.crash_step} SIGKILLed with {res.crash_files} "
+        f"data file(s) begun; newest committed step still {res.crash_latest}"
+    )
     if res.bit_exact:
         ui.print(
-            f"{ui.style('OK', 'green')}  {res.tensors_checked} tensors ({_fmt_bytes(res.bytes_checked)}) "
-            f"identical bit for bit after resume; total {res.total_s:.1f} s"
+            f"{ok}  resume on 1 process (2 ranks -> 1) in {res.load_s:.2f} s: {res.tensors_checked} tensors "
+            f"({_fmt_bytes(res.bytes_checked)}) identical bit for bit"
         )
     else:
+        ui.print(f"{bad}  {len(res.mismatches)} entries differ after resume: {', '.join(res.mismatches[:10])}")
+    if res.partial_read_bytes:
+        share = res.partial_read_bytes / max(1, res.checkpoint_bytes)
         ui.print(
-            f"{ui.style('MISMATCH', 'red')}  {len(res.mismatches)} entries differ: {', '.join(res.mismatches[:10])}"
+            f"model alone: read {_fmt_bytes(res.partial_read_bytes)} of the {_fmt_bytes(res.checkpoint_bytes)} "
+            f"checkpoint ({share:.0%})"
         )
+    torch_said = "torch's stock reader loaded it without an error" if res.torch_loaded_corrupt else "torch refused it"
+    ui.print(
+        f"{ok if res.corrupt_caught else bad}  one flipped byte: dcpio refused the load "
+        f"({res.corrupt_message or 'no error'}); {torch_said}"
+    )
+    ui.print(f"total {res.total_s:.1f} s")
     if args.dir:
         ui.print(f"checkpoints kept in {res.directory}")
-    return EXIT_OK if res.bit_exact else EXIT_PROBLEM
+    return EXIT_OK if res.ok else EXIT_PROBLEM
 
 
 def _cmd_ls(args: argparse.Namespace, ui: _UI) -> int:
@@ -457,11 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(
         "demo",
-        "train a small model on 2 gloo ranks, save sharded with dcpio, resume on 1, check bit for bit",
+        "train on 2 gloo ranks saving through CheckpointManager; crash a save, resume on 1, catch a flipped byte",
         url=False,
     )
     p.add_argument("dir", nargs="?", default=None, help="keep the checkpoints here (default: a temporary directory)")
-    p.add_argument("--steps", type=int, default=3, help="training steps before saving (default 3)")
+    p.add_argument("--steps", type=int, default=3, help="training steps, a save after each (default 3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_demo)
 
