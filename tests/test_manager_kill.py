@@ -117,5 +117,80 @@ def test_sigkill_during_save_retention_and_upload(tmp_path: Path) -> None:
         first = nxt + 1
 
 
+# ---------------------------------------------------------------------------------------------- a rank dies
+_BIG = 25_000_000  # int64 elements: 200 MB on the dying rank, so its upload is far from done when it dies
+
+
+def _dying_rank(durable: str, local: str) -> None:
+    """Rank 1 SIGKILLs itself right after step 2 committed locally; rank 0 reports what the durable tier holds."""
+    import datetime
+    import json
+
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    mgr = dcpio.CheckpointManager(durable, local_root=local, keep_last=2, upload_timeout_s=5)
+    mgr.save(1, state_for(1, rank))
+    mgr.wait()
+    big = {"pad": torch.arange(_BIG, dtype=torch.int64)} if rank == 1 else {}
+    mgr.save(2, {**state_for(2, rank), **big})
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    uploader = mgr._uploader
+    assert uploader is not None and uploader.wait(120)
+    errors = [str(e) for _, e in uploader.take_errors()]
+    print(json.dumps({"errors": errors}), flush=True)
+    os._exit(0)  # rank 1 is gone: no collective can finish
+
+
+@pytest.mark.slow
+def test_a_rank_dying_during_upload_leaves_the_previous_durable_step(tmp_path: Path) -> None:
+    import json
+
+    from helpers import free_port
+
+    durable, local = tmp_path / "durable", tmp_path / "local"
+    port = str(free_port())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "dying", str(durable), str(local)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "RANK": str(rank), "MASTER_PORT": port},
+        )
+        for rank in (0, 1)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, -signal.SIGKILL], outs
+    errors = json.loads(outs[0][0].strip().splitlines()[-1])["errors"]
+    assert len(errors) == 1 and "did not finish uploading" in errors[0] and "rank1" in errors[0]
+    assert committed(durable) == {1: True, 2: False}  # step 2 never committed there
+    got = {**blank_for(0), **blank_for(1)}
+    assert dcpio.CheckpointManager(durable).load(got) == 1
+    assert_state(got, 1, 0)
+    assert_state(got, 1, 1)
+    # the job restarts: step 2 is whole in the (shared) local tier, and the next save reaches the durable tier
+    mgr = dcpio.CheckpointManager(durable, local_root=local, keep_last=2, leftover_grace_s=0)
+    got = {**blank_for(0), **blank_for(1), "pad": torch.zeros(_BIG, dtype=torch.int64)}
+    assert mgr.load(got) == 2
+    assert_state(got, 2, 0)
+    assert_state(got, 2, 1)
+    mgr.save(3, state_for(3))
+    mgr.close()
+    assert committed(durable) == {1: True, 3: True}
+
+
 if __name__ == "__main__":
-    _child(*sys.argv[1:])
+    if sys.argv[1] == "dying":
+        _dying_rank(*sys.argv[2:])
+    else:
+        _child(*sys.argv[1:])
