@@ -443,11 +443,8 @@ class CheckpointManager:
                 _delete_quietly(self.durable, step)
         if self.local is not None:
             # one rank per node-local directory deletes there: the lowest rank that sees it
-            leader = min(
-                s.rank
-                for s in statuses
-                if (s.host, s.local_root) == (statuses[self._comm.rank].host, statuses[self._comm.rank].local_root)
-            )
+            me = statuses[self._comm.rank]
+            leader = min(s.rank for s in statuses if (s.host, s.local_root) == (me.host, me.local_root))
             if leader == self._comm.rank:
                 for step in decision.delete_local:
                     _delete_quietly(self.local, step)

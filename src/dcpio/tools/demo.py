@@ -420,6 +420,16 @@ def _resume(mgr: Any, reference: str, result: DemoResult) -> None:
     result.bit_exact = not result.mismatches and result.tensors_checked > 0
 
 
+def _read_stats(root: str, result: DemoResult) -> None:
+    with open(os.path.join(root, _STATS)) as f:
+        stats = json.load(f)
+    result.parameters = int(stats["parameters"])
+    result.state_bytes = int(stats["state_bytes"])
+    result.save_s = float(stats["save_s"])
+    result.save_mb_s = result.state_bytes / 1e6 / max(result.save_s, 1e-9)
+    result.kept_steps = [int(s) for s in stats["kept_steps"]]
+
+
 def run_demo(
     directory: str | os.PathLike[str] | None = None,
     steps: int = 3,
@@ -457,13 +467,7 @@ def run_demo(
             f"Shard(0)), saving each step with dcpio.CheckpointManager(keep_last={KEEP_LAST}) ..."
         )
         _launch(root, steps, timeout)
-        with open(os.path.join(root, _STATS)) as f:
-            stats = json.load(f)
-        result.parameters = int(stats["parameters"])
-        result.state_bytes = int(stats["state_bytes"])
-        result.save_s = float(stats["save_s"])
-        result.save_mb_s = result.state_bytes / 1e6 / max(result.save_s, 1e-9)
-        result.kept_steps = [int(s) for s in stats["kept_steps"]]
+        _read_stats(root, result)
         run = os.path.join(root, _RUN)
         newest = os.path.join(run, step_name(steps))
         result.files = sorted(f for f in os.listdir(newest) if not f.startswith("."))
