@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from dcpio.engine.sources import IOStats
     from dcpio.formats.hf import HuggingFaceStorageReader, HuggingFaceStorageWriter, consolidate_safetensors_files
     from dcpio.fsspec_storage import FsspecReader, FsspecWriter
+    from dcpio.manager import CheckpointManager
     from dcpio.movers.base import FileSystemBase
     from dcpio.movers.local import FileSystem
     from dcpio.reader import FileSystemReader
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_SUFFIX",
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointManager",
     "CheckpointReadError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
@@ -84,6 +86,7 @@ _LAZY = {
     "ExtensionRegistry": "dcpio.transforms",
     "StreamTransformExtension": "dcpio.transforms",
     "ZStandard": "dcpio.transforms",
+    "CheckpointManager": "dcpio.manager",
     "FsspecWriter": "dcpio.fsspec_storage",
     "FsspecReader": "dcpio.fsspec_storage",
     "HuggingFaceStorageWriter": "dcpio.formats.hf",

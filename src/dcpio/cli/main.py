@@ -376,27 +376,91 @@ def _cmd_demo(args: argparse.Namespace, ui: _UI) -> int:
     res = run_demo(args.dir, steps=args.steps, log=ui.info)
     if args.json:
         ui.print(json.dumps(res.to_dict(), indent=2))
-        return EXIT_OK if res.bit_exact else EXIT_PROBLEM
+        return EXIT_OK if res.ok else EXIT_PROBLEM
+    ok, bad = ui.style("OK", "green"), ui.style("FAILED", "red")
     ui.print(
         f"model: {res.parameters / 1e6:.1f}M parameters; checkpoint: {_fmt_bytes(res.state_bytes)} "
-        f"(model + AdamW state) from {res.world_size} ranks, {len(res.files)} files"
+        f"(model + AdamW state) from {res.world_size} ranks, {len(res.files)} files per step"
     )
-    ui.print(f"save, dcpio.FileSystemWriter: {res.dcpio_save_s:6.2f} s  {res.dcpio_mb_s:8.1f} MB/s")
-    ui.print(f"save, torch FileSystemWriter: {res.torch_save_s:6.2f} s  {res.torch_mb_s:8.1f} MB/s")
-    ui.print(f"dcpio / torch throughput:     {res.speedup:.2f}x")
-    ui.print(f"resume on 1 process (dcpio.FileSystemReader): {res.load_s:.2f} s")
+    ui.print(
+        f"save, dcpio.FileSystemWriter via CheckpointManager: {res.save_s:.2f} s  {res.save_mb_s:.1f} MB/s "
+        f"(step {res.steps}); steps kept (keep_last=2): {', '.join(map(str, res.kept_steps))}"
+    )
+    ui.print(
+        f"{ok if res.crash_intact else bad}  crashed save: step {res.crash_step} SIGKILLed with {res.crash_files} "
+        f"data file(s) begun; newest committed step still {res.crash_latest}"
+    )
     if res.bit_exact:
         ui.print(
-            f"{ui.style('OK', 'green')}  {res.tensors_checked} tensors ({_fmt_bytes(res.bytes_checked)}) "
-            f"identical bit for bit after resume; total {res.total_s:.1f} s"
+            f"{ok}  resume on 1 process (2 ranks -> 1) in {res.load_s:.2f} s: {res.tensors_checked} tensors "
+            f"({_fmt_bytes(res.bytes_checked)}) identical bit for bit"
         )
     else:
+        ui.print(f"{bad}  {len(res.mismatches)} entries differ after resume: {', '.join(res.mismatches[:10])}")
+    if res.partial_read_bytes:
+        share = res.partial_read_bytes / max(1, res.checkpoint_bytes)
         ui.print(
-            f"{ui.style('MISMATCH', 'red')}  {len(res.mismatches)} entries differ: {', '.join(res.mismatches[:10])}"
+            f"model alone: read {_fmt_bytes(res.partial_read_bytes)} of the {_fmt_bytes(res.checkpoint_bytes)} "
+            f"checkpoint ({share:.0%})"
         )
+    torch_said = "torch's stock reader loaded it without an error" if res.torch_loaded_corrupt else "torch refused it"
+    ui.print(
+        f"{ok if res.corrupt_caught else bad}  one flipped byte: dcpio refused the load "
+        f"({res.corrupt_message or 'no error'}); {torch_said}"
+    )
+    ui.print(f"total {res.total_s:.1f} s")
     if args.dir:
         ui.print(f"checkpoints kept in {res.directory}")
-    return EXIT_OK if res.bit_exact else EXIT_PROBLEM
+    return EXIT_OK if res.ok else EXIT_PROBLEM
+
+
+def _cmd_ls(args: argparse.Namespace, ui: _UI) -> int:
+    from dcpio.manager import list_steps
+
+    infos = list_steps(args.root, local_root=args.local_root, storage_options=_storage_options(args))
+    if args.json:
+        ui.print(json.dumps([i.to_dict() for i in infos], indent=2))
+        return EXIT_OK
+    now = time.time()
+    rows = [
+        [str(i.step), i.tier, "yes" if i.committed else "NO", _fmt_bytes(i.size), str(i.files), _fmt_age(now - i.mtime)]
+        for i in infos
+    ]
+    for line in _table(rows, ["step", "tier", "committed", "size", "files", "age"]):
+        ui.print(line)
+    if not infos:
+        ui.info(f"{args.root}: no step directories (step-NNNNNNNN) found")
+    return EXIT_OK
+
+
+def _fmt_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{max(0.0, seconds):.0f}s"
+
+
+def _cmd_prune(args: argparse.Namespace, ui: _UI) -> int:
+    from dcpio.manager import prune
+
+    if args.keep < 1 or (args.keep_every is not None and args.keep_every < 1) or not args.grace >= 0:
+        raise UsageError("--keep and --keep-every must be at least 1, --grace 0 or more seconds")
+    report = prune(
+        args.root,
+        keep_last=args.keep,
+        keep_every=args.keep_every,
+        grace_s=args.grace,
+        dry_run=args.dry_run,
+        storage_options=_storage_options(args),
+    )
+    if args.json:
+        ui.print(json.dumps(report.to_dict(), indent=2))
+        return EXIT_OK
+    verb = "would delete" if args.dry_run else "deleted"
+    ui.print(f"kept {len(report.kept)} committed step(s): {', '.join(map(str, report.kept)) or 'none'}")
+    ui.print(f"{verb} {len(report.deleted)} committed step(s): {', '.join(map(str, report.deleted)) or 'none'}")
+    ui.print(f"{verb} {len(report.swept)} uncommitted leftover(s): {', '.join(map(str, report.swept)) or 'none'}")
+    return EXIT_OK
 
 
 def _bench_script() -> Path | None:
@@ -542,13 +606,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(
         "demo",
-        "train a small model on 2 gloo ranks, save sharded with dcpio, resume on 1, check bit for bit",
+        "train on 2 gloo ranks saving through CheckpointManager; crash a save, resume on 1, catch a flipped byte",
         url=False,
     )
     p.add_argument("dir", nargs="?", default=None, help="keep the checkpoints here (default: a temporary directory)")
     p.add_argument("--steps", type=_step_count, default=3, help="training steps before saving (default 3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_demo)
+
+    p = add("ls", "list a CheckpointManager root's steps: committed or not, tier, size, age")
+    p.add_argument("root", help="the manager's root directory or fsspec URL")
+    p.add_argument("--local-root", default=None, help="also list this local tier")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_ls)
+
+    p = add("prune", "delete a CheckpointManager root's old steps: keep the newest N, sweep old uncommitted ones")
+    p.add_argument("root", help="the manager's root directory or fsspec URL")
+    p.add_argument("--keep", type=int, required=True, help="committed steps to keep (the newest is always kept)")
+    p.add_argument("--keep-every", type=int, default=None, help="also keep every step divisible by K")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        help="sweep uncommitted steps untouched for this many seconds (default 3600)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_prune)
 
     # listed for --help only: main() hands everything after "bench" to the benchmark script untouched
     sub.add_parser(
