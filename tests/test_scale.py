@@ -214,7 +214,7 @@ def failing_worker(rank: int, world: int, root: str) -> None:
         try:
             with trusted_objects():
                 dcp.load(template_like(sd), storage_reader=dcpio.FileSystemReader(path))
-        except BaseException as err:  # noqa: BLE001 - torch raises CheckpointException, a BaseException
+        except BaseException as err:  # torch raises CheckpointException, a BaseException
             own = _own_failure(err, rank)
             chain = exception_chain(own)
             _report(
@@ -235,7 +235,7 @@ def save_decision_worker(rank: int, world: int, root: str) -> None:
     _report(kind="save", rank=rank, calls=dict(fs.calls))
     try:
         dcp.save(sd, storage_writer=dcpio.FileSystemWriter(root, overwrite=False))
-    except BaseException as err:  # noqa: BLE001 - torch raises CheckpointException, a BaseException
+    except BaseException as err:  # torch raises CheckpointException, a BaseException
         own = _own_failure(err, rank)
         _report(kind="refused", rank=rank, types=[type(e).__name__ for e in exception_chain(own)])
     else:
