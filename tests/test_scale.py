@@ -244,25 +244,36 @@ def save_decision_worker(rank: int, world: int, root: str) -> None:
 
 def process_async_worker(rank: int, world: int, root: str) -> None:
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
+    mesh = init_device_mesh("cpu", (world,))
     gen = torch.Generator().manual_seed(10 + rank)
-    sd = {f"r{rank}": {f"t{i}": rand_tensor((256, 256), torch.float32, gen) for i in range(6)}, "step": 7}
+    sd: dict[str, Any] = {f"r{rank}": {f"t{i}": rand_tensor((256, 256), torch.float32, gen) for i in range(6)}}
+    sd["step"] = 7
     sd["shared"] = torch.arange(4096, dtype=torch.int64)
+    full = rand_tensor((256, 256), torch.float32, torch.Generator().manual_seed(99))
+    # last in walk order, past the budget: its local shard is written while staging, a placeholder DTensor staged
+    sd["dt"] = distribute_tensor(full.clone(), mesh, [Shard(0)], src_data_rank=None)
     expected = {k: (v if not isinstance(v, dict) else {n: t.clone() for n, t in v.items()}) for k, v in sd.items()}
+    expected_dt = expected.pop("dt").to_local().clone()
     for budget in (None, 600_000):  # 600 KB of 1.5 MiB per rank: most tensors are written while staging
         path = f"{root}/b{budget}"
         writer = dcpio.FileSystemWriter(path, staging_budget=budget)
         future = dcp.async_save(sd, storage_writer=writer, async_checkpointer_type=AsyncCheckpointerType.PROCESS)
         prewritten = len(writer.prewritten)
-        for t in sd[f"r{rank}"].values():
+        for t in [*sd[f"r{rank}"].values(), sd["dt"].to_local()]:
             t.fill_(0)  # the save must not see this: everything was staged or written when async_save returned
         future.result()
         dist.barrier()
         dest = template_like(expected)
+        dest["dt"] = distribute_tensor(torch.zeros_like(full), mesh, [Shard(0)], src_data_rank=None)
         dcp.load(dest, storage_reader=dcpio.FileSystemReader(path))
+        assert_tree_equal(expected_dt, dest.pop("dt").to_local(), f"rank {rank} budget {budget}: dt")
         assert_tree_equal(expected, dest, f"rank {rank} budget {budget}")
         for name, t in expected[f"r{rank}"].items():
             sd[f"r{rank}"][name].copy_(t)
+        sd["dt"].to_local().copy_(expected_dt)
         _report(kind="async", rank=rank, budget=budget, prewritten=prewritten)
 
 
@@ -382,7 +393,8 @@ def test_async_save_in_a_background_process_with_two_ranks(tmp_path: Path) -> No
     outs = spawn_ranks(2, "test_scale:process_async_worker", [str(tmp_path)], tmp_path, timeout=240)
     reports = _reports(outs, "async")
     assert len(reports) == 4, reports
-    assert all(r["prewritten"] > 0 for r in reports if r["budget"]), reports
+    # 600 KB: t0, t1 (256 KiB each) and "shared" (32 KiB) fit; t2..t5 and the DTensor's shard are written early
+    assert all(r["prewritten"] == 5 for r in reports if r["budget"]), reports
     assert all(r["prewritten"] == 0 for r in reports if not r["budget"]), reports
 
 
