@@ -46,10 +46,13 @@ class FsspecWriter(FileSystemWriter):
         _extensions: Sequence[Any] | None = None,
         serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
         cache_staged_state_dict: bool = False,
+        *,
+        staging_budget: int | None = None,
         **storage_options: Any,
     ) -> None:
         super().__init__(
             path,
+            staging_budget=staging_budget,
             single_file_per_rank=single_file_per_rank,
             sync_files=sync_files,
             thread_count=thread_count,
@@ -76,6 +79,7 @@ class FsspecReader(FileSystemReader):
         thread_count: parallel reads; None picks the default from :mod:`dcpio.knobs`.
         allow_pickle: let non-tensor values that need arbitrary classes reach torch's planner (as for
             ``FileSystemReader``; off by default because unpickling them can run code).
+        process_group, replicated_reads: which ranks share reads, and whether (as for ``FileSystemReader``).
         **storage_options: passed to fsspec, as with torch's ``FsspecReader``.
 
     Call order: ``reset`` → ``read_metadata`` → ``set_up_storage_reader`` → ``prepare_local_plan`` →
@@ -90,6 +94,8 @@ class FsspecReader(FileSystemReader):
         verify_checksums: bool = True,
         thread_count: int | None = None,
         allow_pickle: bool = False,
+        process_group: Any = "auto",
+        replicated_reads: bool | str = "auto",
         **storage_options: Any,
     ) -> None:
         super().__init__(
@@ -98,6 +104,8 @@ class FsspecReader(FileSystemReader):
             verify_checksums=verify_checksums,
             thread_count=thread_count,
             allow_pickle=allow_pickle,
+            process_group=process_group,
+            replicated_reads=replicated_reads,
             _fs=FsspecFileSystem(path, **storage_options),
         )
 

@@ -18,9 +18,11 @@ __all__ = [
     "max_record_header_bytes",
     "min_bytes_per_file",
     "pause_gc",
+    "replicated_reads",
     "retry_attempts",
     "retry_max_seconds",
     "s3_part_size",
+    "staging_budget",
     "tile_checksums",
     "verify_read_bytes",
     "whole_item_bytes",
@@ -147,3 +149,21 @@ def coalesce_span_bytes() -> int:
 def write_slice_bytes() -> int:
     """Bytes of a record hashed and then written per step (``DCPIO_WRITE_SLICE``): cache-resident between the two."""
     return _int_env("DCPIO_WRITE_SLICE", 2 << 20)
+
+
+# ------------------------------------------------------------------------------------------ many ranks
+def replicated_reads() -> bool:
+    """Read each stored byte range that several ranks of a load need on one rank and broadcast it
+    (``DCPIO_REPLICATED_READS``, default 1; 0 turns it off). Applies where a reader's ``replicated_reads`` is
+    ``"auto"``; loads in which no two ranks need the same bytes never pay for it. See :mod:`dcpio.shared_reads`."""
+    return _bool_env("DCPIO_REPLICATED_READS", True)
+
+
+def staging_budget() -> int | None:
+    """Bytes of host memory an async save may hold for its CPU copy (``DCPIO_STAGING_BUDGET``; unset: no bound).
+
+    Applies where a writer's ``staging_budget`` is left at None. A state dict larger than the budget is staged and
+    written in waves; see :mod:`dcpio.staging`.
+    """
+    raw = os.environ.get("DCPIO_STAGING_BUDGET", "").strip()
+    return None if raw == "" else _int_env("DCPIO_STAGING_BUDGET", 1)

@@ -15,11 +15,14 @@ structural checks only (record layout, sizes and offsets against the file).
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
 import pickle
+import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,10 +32,10 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from dcpio import knobs
+from dcpio import collectives, knobs, shared_reads
 from dcpio._runtime import end_gc_pause, start_gc_pause
 from dcpio.engine import IOStats, ReadOptions, read_plan
-from dcpio.errors import CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
+from dcpio.errors import CheckpointReadError, CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
 from dcpio.integrity.paths import check_relative_path, check_stays_inside
 from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.movers.base import FileSystemBase
@@ -57,6 +60,14 @@ class FileSystemReader(StorageReader):
             By default a value is first unpickled with torch's ``weights_only`` rules (plain data, tensors and
             classes registered with ``torch.serialization.add_safe_globals``) and refused otherwise, because
             the planner's ``torch.load(weights_only=False)`` would run any code a crafted checkpoint carries.
+        process_group: the group whose ranks share reads: ``"auto"`` (default) is the group of the ``dcp.load`` in
+            progress (torch's default group, or the one given to ``dcp.load(process_group=...)``); outside
+            ``dcp.load`` (a direct ``read_metadata()`` call, ``no_dist=True``) every rank reads for itself. Give a
+            ``ProcessGroup`` to choose one (then every rank of it must load), or None to never share.
+        replicated_reads: ``"auto"`` (default; ``DCPIO_REPLICATED_READS=0`` turns it off), True or False. When on,
+            ``.metadata`` is read by one rank and broadcast, and every stored byte range that several ranks load
+            (a ``Replicate()`` placement, plain tensors every rank loads, step counters) is read by one rank and
+            broadcast over the group; checksums are verified by the rank that read. Sharded loads are unaffected.
 
     Example::
 
@@ -72,6 +83,8 @@ class FileSystemReader(StorageReader):
         verify_checksums: bool = True,
         thread_count: int | None = None,
         allow_pickle: bool = False,
+        process_group: Any = collectives.AUTO,
+        replicated_reads: bool | str = collectives.AUTO,
         _fs: FileSystemBase | None = None,
     ) -> None:
         super().__init__()
@@ -83,6 +96,9 @@ class FileSystemReader(StorageReader):
         self.verify_checksums = verify_checksums
         self.thread_count = thread_count
         self.allow_pickle = allow_pickle
+        self.process_group: Any = process_group
+        self.replicated_reads = replicated_reads
+        self._group: collectives.GroupInfo | None = None  # the load's group while one is in progress
         self.storage_data: dict[Any, Any] = {}
         self._metadata: Metadata | None = None
         self.load_id = str(uuid.uuid4())
@@ -104,14 +120,27 @@ class FileSystemReader(StorageReader):
         """Parse ``.metadata`` (or ``__{rank}.metadata``) without running code from it."""
         rank = kwargs.get("rank")
         path = self._metadata_path(rank)
-        if not self.fs.exists(path):
-            self._explain_missing(path)
-        data = self.fs.read_file(path, knobs.max_metadata_bytes())
+        # the global file is read by one rank of the load and its bytes broadcast (see dcpio.collectives); every
+        # rank parses them with the restricted unpickler itself. A per-rank file is each rank's own
+        group = self.process_group if rank is None and self._sharing() else None
+        data = collectives.read_once(group, functools.partial(self._metadata_bytes, path))
         metadata = load_metadata(data, path)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
         return metadata
+
+    def _sharing(self) -> bool:
+        if self.replicated_reads == collectives.AUTO:
+            return knobs.replicated_reads()
+        if not isinstance(self.replicated_reads, bool):
+            raise ValueError(f"replicated_reads must be 'auto', True or False, got {self.replicated_reads!r}")
+        return self.replicated_reads
+
+    def _metadata_bytes(self, path: str) -> bytes:
+        if not self.fs.exists(path):
+            self._explain_missing(path)
+        return self.fs.read_file(path, knobs.max_metadata_bytes())
 
     def _explain_missing(self, metadata_path: str) -> None:
         root = str(self.path)
@@ -145,6 +174,8 @@ class FileSystemReader(StorageReader):
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
+        sharing = self.use_collectives and self._sharing()
+        self._group = collectives.resolve_group(self.process_group) if sharing else None
         storage = metadata.storage_data
         if not isinstance(storage, dict):
             raise CorruptCheckpointError(
@@ -193,7 +224,9 @@ class FileSystemReader(StorageReader):
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        if self._group is None or self._metadata is None:
+            return plans
+        return shared_reads.assign(plans, self._metadata, self.storage_data, self._group.world)
 
     def _check_bytes(self, req: ReadItem, data: bytes) -> None:
         """Refuse a non-tensor value whose unpickling would need more than torch's weights_only rules allow."""
@@ -213,6 +246,14 @@ class FileSystemReader(StorageReader):
                 f"{self.path}: value '{req.storage_index.fqn}' is not a readable torch.save payload ({err})"
             ) from err
 
+    def _shared_group(self) -> collectives.GroupInfo:
+        if self._group is None:
+            raise CheckpointReadError(
+                f"{self.path}: the coordinator scheduled shared reads but this rank has no process group to receive "
+                "them; give every rank the same process_group= and replicated_reads= settings"
+            )
+        return self._group
+
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         opts = ReadOptions(
             threads=self.thread_count if self.thread_count is not None else knobs.default_io_threads(),
@@ -221,10 +262,22 @@ class FileSystemReader(StorageReader):
             root=str(self.path),
             expected=self._expected,
         )
+
+        self.stats = IOStats()
+        started = time.perf_counter()
+
+        def read(items: Sequence[ReadItem], target: Any) -> None:
+            self.stats.include(read_plan(self.fs, items, self.storage_data, target, opts, self._check_bytes))
+
         try:
-            self.stats = read_plan(self.fs, plan.items, self.storage_data, planner, opts, self._check_bytes)
+            if isinstance(plan.storage_data, shared_reads.SharedReadPlan):
+                shared_reads.run(plan.storage_data, self._shared_group(), plan.items, planner, read, self._check_bytes)
+            else:
+                read(plan.items, planner)
         finally:
+            self._group = None
             end_gc_pause(self)
+        self.stats.seconds = time.perf_counter() - started
         _log.info("dcpio load of %s: %s", self.path, self.stats.summary())
         future: Future[None] = Future()
         future.set_result(None)

@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from enum import StrEnum
 from typing import Any
 
@@ -40,12 +40,13 @@ from torch.futures import Future
 
 from dcpio import knobs
 from dcpio._runtime import end_gc_pause, start_gc_pause
+from dcpio.collectives import DecidedPrefix
 from dcpio.engine import FileJob, IOStats, WriteOptions, write_files
 from dcpio.engine.save import write_stats
 from dcpio.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
-from dcpio.staging import DcpioStager
+from dcpio.staging import DcpioStager, take_prewritten
 from dcpio.transforms import StreamTransformExtension
 
 __all__ = ["DEFAULT_SUFFIX", "FileSystemWriter", "SerializationFormat"]
@@ -101,6 +102,11 @@ def _buckets(items: Sequence[WriteItem], count: int) -> list[list[WriteItem]]:
         buckets[j].append(item)
         loads[j] += _item_bytes(item)
     return [b for b in buckets if b]
+
+
+def _prefix_of(plan: SavePlan, rank: int) -> str:
+    given = plan.storage_data
+    return given.prefix if isinstance(given, _StoragePrefix) else f"__{rank}_"
 
 
 class _DcpioWriter(StorageWriter):
@@ -162,26 +168,29 @@ class _DcpioWriter(StorageWriter):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         self.fs.mkdir(self.path)
-        if not self.overwrite and self._committed():
-            raise CheckpointExistsError(
-                f"{self.path}: a checkpoint already exists here and the writer has overwrite=False. It was left "
-                "untouched; save to a new directory, or pass overwrite=True to replace it."
-            )
         if self.rank is not None and not self.use_collectives:
             plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{self.rank}_"))
         start_gc_pause(self)  # through torch's global planning to this rank's last write; see GcPause
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # what exists is looked at once, here on the coordinator, and handed to every rank with its plan: ranks on a
+        # shared file system with cached attributes could disagree, and N ranks listing one directory load its server
+        if not self.overwrite and self._committed():
+            raise CheckpointExistsError(
+                f"{self.path}: a checkpoint already exists here and the writer has overwrite=False. It was left "
+                "untouched; save to a new directory, or pass overwrite=True to replace it."
+            )
+        taken = frozenset(self._existing_names())
         return [
-            plan if plan.storage_data is not None else dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{i}_"))
+            dataclasses.replace(plan, storage_data=DecidedPrefix(_prefix_of(plan, i), taken))
             for i, plan in enumerate(plans)
         ]
 
     def _threads(self) -> int:
         return self.thread_count if self.thread_count is not None else knobs.default_io_threads()
 
-    def _file_name(self, prefix: str, n: int, taken: set[str]) -> str:
+    def _file_name(self, prefix: str, n: int, taken: Set[str]) -> str:
         name = f"{prefix}{n}{DEFAULT_SUFFIX}"
         if name in taken:
             # the name belongs to an earlier save (perhaps the committed one): never write over it
@@ -205,9 +214,10 @@ class _DcpioWriter(StorageWriter):
             # (measured here: ~10-30 ms per fsync'ed file on a virtio disk, i.e. ~64 MiB of writing)
             rank_bytes = sum(_item_bytes(it) for it in plan.items)
             files = max(1, min(threads, rank_bytes // knobs.min_bytes_per_file()))
-        groups = _buckets(plan.items, files) if self.single_file_per_rank else [[it] for it in plan.items]
+        items, prewritten = take_prewritten(list(plan.items), planner, getattr(self, "prewritten", {}))
+        groups = _buckets(items, files) if self.single_file_per_rank else [[it] for it in items]
         jobs = []
-        taken = self._existing_names()
+        taken = prefix_obj.taken if isinstance(prefix_obj, DecidedPrefix) else self._existing_names()
         for n, items in enumerate(groups):
             name = self._file_name(prefix, n, taken)
             jobs.append(FileJob(name, str(self.fs.concat_path(self.path, name)), tuple(items)))
@@ -221,7 +231,7 @@ class _DcpioWriter(StorageWriter):
         future: Future[list[WriteResult]] = Future()
         started = time.perf_counter()
         try:
-            results = write_files(self.fs, jobs, planner, opts)
+            results = write_files(self.fs, jobs, planner, opts) + prewritten
         finally:
             end_gc_pause(self)
         self.stats = write_stats(results, len(jobs), time.perf_counter() - started)
@@ -302,6 +312,9 @@ class FileSystemWriter(_DcpioWriter, DcpioStager):
         thread_count: I/O threads (= data files per rank); None picks :func:`dcpio.knobs.default_io_threads`.
         per_thread_copy_ahead: bytes copied off an accelerator ahead of writing them.
         cache_staged_state_dict: for ``dcp.async_save``, reuse the staging buffers across saves.
+        staging_budget: for ``dcp.async_save``, the most bytes of host memory its CPU copy may take (None: the
+            ``DCPIO_STAGING_BUDGET`` knob, unset by default: no bound). Tensors beyond it are written while
+            ``async_save`` stages, so a state dict larger than the budget still saves; see :mod:`dcpio.staging`.
         overwrite: replace an existing checkpoint (atomically) or refuse with :class:`dcpio.CheckpointExistsError`.
         _extensions: stream transforms such as :class:`dcpio.ZStandard`.
         serialization_format: :attr:`SerializationFormat.TORCH_SAVE` (default; loadable by torch's reader) or
@@ -325,6 +338,7 @@ class FileSystemWriter(_DcpioWriter, DcpioStager):
         _extensions: Sequence[StreamTransformExtension] | None = None,
         serialization_format: Any = SerializationFormat.TORCH_SAVE,
         *,
+        staging_budget: int | None = None,
         _fs: FileSystemBase | None = None,
     ) -> None:
         _DcpioWriter.__init__(
@@ -339,4 +353,4 @@ class FileSystemWriter(_DcpioWriter, DcpioStager):
             serialization_format=serialization_format,
             _fs=_fs,
         )
-        DcpioStager.__init__(self, cache_staged_state_dict=cache_staged_state_dict)
+        DcpioStager.__init__(self, cache_staged_state_dict=cache_staged_state_dict, staging_budget=staging_budget)

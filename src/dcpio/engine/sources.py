@@ -51,6 +51,14 @@ class IOStats:
     items: int = 0
     seconds: float = 0.0
 
+    def include(self, other: IOStats) -> None:
+        """Add what ``other`` counted (a load that runs the engine more than once, as shared reads do)."""
+        self.add(read=other.bytes_read, requests=other.requests, hashed=other.bytes_hashed, mapped=other.bytes_mapped)
+        with self._lock:
+            self.bytes_written += other.bytes_written
+            self.files += other.files
+            self.items += other.items
+
     @property
     def throughput(self) -> float:
         """Bytes moved per second (read, written or copied out of a memory map)."""

@@ -25,6 +25,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -343,7 +344,7 @@ class StepWriter(FileSystemWriter):
         super().__init__(path, **options)
         self.written: tuple[str, ...] = ()
 
-    def _file_name(self, prefix: str, n: int, taken: set[str]) -> str:
+    def _file_name(self, prefix: str, n: int, taken: AbstractSet[str]) -> str:
         # always tagged with this save's id: two saves racing for one step never share (and so never remove)
         # each other's data files; only one of them can commit
         return f"{prefix}{n}.{self.save_id.replace('-', '')[:8]}{DEFAULT_SUFFIX}"
