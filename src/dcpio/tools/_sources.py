@@ -106,6 +106,10 @@ class Source:
         """The full value of entry ``name``: a CPU tensor, or the object for a non-tensor entry."""
         raise NotImplementedError
 
+    def object_path(self, name: str) -> tuple[Any, ...]:
+        """Where ``name`` sat in the nested state dict (flat names have a path of one key)."""
+        return (name,)
+
     def close(self) -> None:
         """Release files and handles."""
 
@@ -236,10 +240,6 @@ class ReaderSource(Source):
     def files_of(self, name: str) -> list[str]:
         """Relative paths of the data files holding pieces of ``name``."""
         return sorted({info.relative_path for idx, info in self.storage_info().items() if idx.fqn == name})
-
-    def object_path(self, name: str) -> tuple[Any, ...]:
-        """Where ``name`` sat in the nested state dict that was saved (flat names have a path of one key)."""
-        return (name,)
 
     # -- reading
     def _run(self, items: list[ReadItem], planner: _ItemPlanner) -> None:
@@ -411,14 +411,21 @@ def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 def dcp_names(obj: Any) -> dict[str, Any]:
     """Flatten ``obj`` exactly as DCP's default planner does, so a torch.save file and a DCP checkpoint of the
     same state dict name their entries alike (lists without tensors stay one value, for instance)."""
+    return dcp_flatten(obj)[0]
+
+
+def dcp_flatten(obj: Any) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
+    """:func:`dcp_names` and, per name, the path of keys it sat at in ``obj``."""
     if not isinstance(obj, dict):
-        return dict(flatten(obj))
+        flat = dict(flatten(obj))
+        return flat, {k: (k,) for k in flat}
     try:
         from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     except ImportError:  # a torch without that helper: our own dotted names
-        return dict(flatten(obj))
-    flat, _ = flatten_state_dict(obj)
-    return dict(flat)
+        flat = dict(flatten(obj))
+        return flat, {k: (k,) for k in flat}
+    flat_sd, mapping = flatten_state_dict(obj)
+    return dict(flat_sd), {k: tuple(v) for k, v in mapping.items()}
 
 
 class TorchFileSource(Source):
@@ -436,7 +443,10 @@ class TorchFileSource(Source):
             raise CorruptCheckpointError(
                 f"{path}: torch.load(weights_only=True) cannot read this file: {first}"
             ) from err
-        self._leaves = dcp_names(self.obj)
+        self._leaves, self._paths = dcp_flatten(self.obj)
+
+    def object_path(self, name: str) -> tuple[Any, ...]:
+        return self._paths.get(name, (name,))
 
     def entries(self) -> list[Entry]:
         out = []
