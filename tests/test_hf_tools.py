@@ -21,7 +21,7 @@ from dcpio.formats.hf import HuggingFaceStorageReader, HuggingFaceStorageWriter,
 from dcpio.formats.safetensors import write_file
 from dcpio.movers import FileSystem
 from dcpio.tools import convert, diff_checkpoints, inspect_checkpoint, verify_checkpoint
-from helpers import bitwise_equal, exception_chain
+from helpers import bitwise_equal, exception_chain, run_stock
 
 INDEX = "model.safetensors.index.json"
 SRC_DIR = str(Path(__file__).resolve().parent.parent / "src")
@@ -172,6 +172,19 @@ def test_export_checksums_catch_a_flipped_bit_and_stay_invisible_to_safetensors(
     assert verify_checkpoint(out).ok and verify_checkpoint(out).checksummed
 
     _flip(file, _data_offset(file, "w") + 100)
+    torch.save(sd, tmp_path / "want.pt")
+    # stock torch's HF reader loads the flipped value without a word
+    out_text = run_stock(
+        f"""
+        import torch, torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import HuggingFaceStorageReader
+        want = torch.load({str(tmp_path / "want.pt")!r}, weights_only=True)
+        got = {{k: torch.zeros_like(v) for k, v in want.items()}}
+        dcp.load(got, storage_reader=HuggingFaceStorageReader({str(out)!r}), no_dist=True)
+        print("silently different:", not torch.equal(got["w"], want["w"]))
+        """
+    )
+    assert "silently different: True" in out_text
     with pytest.raises(BaseException) as info:
         dcp.load({"w": torch.zeros(64, 16), "b": torch.zeros(16)}, storage_reader=HuggingFaceStorageReader(out))
     found = [e for e in exception_chain(info.value) if isinstance(e, CorruptCheckpointError)]
@@ -262,3 +275,13 @@ def test_consolidation_refuses_a_shard_offset_far_past_its_data_before_allocatin
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused:" in proc.stdout and "'w'" in proc.stdout, proc.stdout
     assert resource.getrlimit(resource.RLIMIT_AS)  # the limit applied to the child only
+
+
+def test_consolidation_without_a_mapping_writes_one_file(tmp_path: Path) -> None:
+    full = _sharded_folder(tmp_path / "sharded")
+    consolidate_safetensors_files(str(tmp_path / "sharded"), str(tmp_path / "out"), None)
+    got = load_file(str(tmp_path / "out" / "model-00001-of-00001.safetensors"))
+    assert set(got) == set(full)
+    for k, v in full.items():
+        assert bitwise_equal(got[k], v), k
+    assert verify_checkpoint(tmp_path / "out").checksummed

@@ -636,12 +636,14 @@ def _consolidate(
     fs: FileSystemBase,
     input_dir: str,
     output_dir: str,
-    fqn_to_index_mapping: Mapping[str, int],
+    fqn_to_index_mapping: Mapping[str, int] | None,
     num_threads: int,
     sync: bool,
     only_indices: Callable[[int], bool],
 ) -> tuple[dict[str, str], int]:
     full = _gather_full_tensors(fs, input_dir, num_threads)
+    if fqn_to_index_mapping is None:
+        fqn_to_index_mapping = dict.fromkeys(full, 1)
     unmapped = sorted(set(full) - set(fqn_to_index_mapping))
     absent = sorted(set(fqn_to_index_mapping) - set(full))
     if unmapped or absent:
@@ -673,7 +675,7 @@ def _consolidate(
 def consolidate_safetensors_files(
     input_dir: str,
     output_dir: str,
-    fqn_to_index_mapping: dict[str, int],
+    fqn_to_index_mapping: dict[str, int] | None,
     num_threads: int = 1,
     *,
     _fs: FileSystemBase | None = None,
@@ -681,15 +683,22 @@ def consolidate_safetensors_files(
 ) -> None:
     """Turn the shard files of a ``save_distributed`` save into full tensors in the HF layout.
 
-    Each output tensor is assembled in one buffer (zero-filled, so regions no shard covers read as 0) straight from
-    the shard files' byte ranges and written out before the next one is built: peak memory is the largest tensor per
-    thread plus a constant. Works on bytes, so every dtype (int, bool, float8) consolidates. Files without
-    ``DCP_SHARDING_INFO`` count as full tensors at offset 0.
+    Each output tensor is assembled in one buffer straight from the shard files' byte ranges and written out before
+    the next one is built: peak memory is the largest tensor per thread plus a constant. Works on bytes, so every
+    dtype (int, bool, float8) consolidates. Files without ``DCP_SHARDING_INFO`` count as full tensors at offset 0.
+    The shards must tile every tensor exactly: a region no shard holds (a missing rank's file) or a shard reaching
+    past its data is refused, naming the tensor, before anything is allocated. Checksums recorded by a dcpio export
+    are verified as each shard is read, and the output carries its own.
+
+    Example::
+
+        dcpio.consolidate_safetensors_files("export/sharded", "export/", fqn_to_index_mapping=None)
 
     Args:
         input_dir: directory of the shard files.
         output_dir: where ``model-0000i-of-0000N.safetensors`` and the index go (index last).
         fqn_to_index_mapping: tensor name -> output file index (1..N); must name exactly the tensors of the shards.
+            None puts every tensor in one file (``model-00001-of-00001.safetensors``).
         num_threads: output files assembled in parallel.
     """
     fs = _fs if _fs is not None else FileSystem()
@@ -703,7 +712,7 @@ def consolidate_safetensors_files(
 def consolidate_safetensors_files_on_every_rank(
     input_dir: str,
     output_dir: str,
-    fqn_to_index_mapping: dict[str, int],
+    fqn_to_index_mapping: dict[str, int] | None,
     num_threads: int = 1,
     process_group: Any = None,
     *,

@@ -372,28 +372,6 @@ class HfSource(ReaderSource):
     def stored_bytes(self, name: str) -> int:
         return sum(int(info.length) for idx, info in self.storage_info().items() if idx.fqn == name)
 
-    def load_mmap(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` backed by a private read-only mapping of its file where it is stored whole (pages load on
-        use and can be dropped again; its checksum is verified first); otherwise read into memory."""
-        md = self.metadata.state_dict_metadata[name]
-        infos = [info for idx, info in self.storage_info().items() if idx.fqn == name]
-        if not isinstance(md, TensorStorageMetadata) or len(infos) != 1 or tuple(infos[0].shape) != tuple(md.size):
-            return self.load(name)
-        info = infos[0]
-        if info.length == 0:
-            return torch.empty(tuple(md.size), dtype=md.properties.dtype)
-        file = os.path.join(self.folder, info.relative_path)
-        size = self.reader.headers[info.relative_path].file_size
-        storage = torch.UntypedStorage.from_file(file, shared=False, nbytes=int(size))
-        raw = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
-        data = raw[info.offset : info.offset + info.length]
-        if info.checksum is not None:
-            from dcpio.formats.hf import tensor_digest
-
-            if tensor_digest(data) != info.checksum:
-                return self.load(name)  # the reader's own check names the file and the tensor
-        return data.view(md.properties.dtype).reshape(tuple(md.size))
-
 
 # ------------------------------------------------------------------------------------------------- torch.save
 def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
