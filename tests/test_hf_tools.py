@@ -5,9 +5,11 @@ refused; and HF exports carry per-tensor checksums that safetensors and transfor
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,13 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from dcpio.cli.main import EXIT_OK, EXIT_PROBLEM, main
-from dcpio.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
+from dcpio.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    StorageFullError,
+    UnsafeCheckpointError,
+)
 from dcpio.formats.hf import HuggingFaceStorageReader, HuggingFaceStorageWriter, consolidate_safetensors_files
 from dcpio.formats.safetensors import write_file
 from dcpio.movers import FileSystem
@@ -285,3 +293,30 @@ def test_consolidation_without_a_mapping_writes_one_file(tmp_path: Path) -> None
     for k, v in full.items():
         assert bitwise_equal(got[k], v), k
     assert verify_checkpoint(tmp_path / "out").checksummed
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", f"dcpio-test-{os.getpid()}", str(mount)], capture_output=True
+    )
+    if proc.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root): no full-disk test")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_during_an_hf_export_names_it_and_leaves_no_partial_file(small_disk: Path) -> None:
+    g = _gen(6)
+    sd = {"a": torch.randn(160, 1024, generator=g), "b": torch.randn(160, 1024, generator=g)}  # 2 x 640 KiB
+    out = small_disk / "export"
+    writer = HuggingFaceStorageWriter(str(out), fqn_to_index_mapping={"a": 1, "b": 2}, thread_count=1)
+    with pytest.raises(BaseException) as info:
+        dcp.save(sd, storage_writer=writer, no_dist=True)
+    found = [e for e in exception_chain(info.value) if isinstance(e, StorageFullError)]
+    assert found and str(out) in str(found[0]) and "no space" in str(found[0])
+    assert sorted(p.name for p in out.iterdir()) == []

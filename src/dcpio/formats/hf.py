@@ -411,7 +411,13 @@ class HuggingFaceStorageWriter(StorageWriter):
         for item in plan.items:
             buckets.setdefault(mapping[item.index.fqn] if mapping else 1, []).append(item)
         jobs = [(_file_name(i, count, shard), items) for i, items in sorted(buckets.items())]
-        results = _parallel(lambda job: self._write_file(job[0], job[1], planner), jobs, self.thread_count)
+        try:
+            results = _parallel(lambda job: self._write_file(job[0], job[1], planner), jobs, self.thread_count)
+        except BaseException:
+            if not self.save_distributed:  # this save's finished files wait as .tmp for finish(): none is committed
+                for name, _ in jobs:
+                    self.fs.remove_quietly(f"{_join(self.fs, self._data_dir, name)}.tmp")
+            raise
         if self.sync_files:
             self.fs.sync_dir(self._data_dir)
         return _done([r for rs in results for r in rs])
