@@ -355,6 +355,12 @@ def _cmd_convert(args: argparse.Namespace, ui: _UI) -> int:
             overwrite=args.overwrite,
             progress=progress,
             storage_options=_storage_options(args),
+            only=args.only or (),
+            exclude=args.exclude or (),
+            strip_prefix=args.strip_prefix or (),
+            rename=args.rename,
+            serialization_format=args.format,
+            compress=args.compress,
         )
     dt = time.perf_counter() - t0
     ui.print(
@@ -588,7 +594,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors shard for --to hf, e.g. 5GB, 500MB (default 5GB)"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing destination (its checkpoint files only: config.json, tokenizer files ... stay)",
+    )
+    p.add_argument("--only", action="append", metavar="PREFIX", help="keep only keys starting with PREFIX (repeatable)")
+    p.add_argument(
+        "--exclude", action="append", metavar="PREFIX", help="leave out keys starting with PREFIX (repeatable)"
+    )
+    p.add_argument(
+        "--strip-prefix", action="append", metavar="PREFIX", help="remove PREFIX from key names, e.g. model."
+    )
+    p.add_argument(
+        "--rename", action="append", metavar="OLD=NEW", help="replace the key prefix OLD by NEW (repeatable)"
+    )
+    p.add_argument("--format", choices=("torch_save", "safetensors"), help="serialization format for --to dcp")
+    p.add_argument("--compress", choices=("zstd",), help="compress every item (--to dcp; needs zstandard)")
     p.set_defaults(func=_cmd_convert)
 
     p = add("diff", "compare two checkpoints tensor by tensor; exit 0 when they match, 1 when not")

@@ -31,12 +31,14 @@ import json
 import math
 import os
 import re
+import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+import xxhash
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
@@ -67,7 +69,6 @@ from dcpio.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     PlanMismatchError,
-    UnsafeCheckpointError,
 )
 from dcpio.formats.safetensors import (
     DTYPES,
@@ -79,6 +80,8 @@ from dcpio.formats.safetensors import (
     torch_shape_of,
     write_entries,
 )
+from dcpio.integrity.extents import check_tiling
+from dcpio.integrity.paths import check_plain_name, confined
 from dcpio.movers.base import FileSystemBase, ReadHandle
 from dcpio.movers.local import FileSystem
 from dcpio.tensor_bytes import byte_view, is_dense_cpu
@@ -96,6 +99,9 @@ SUFFIX = ".safetensors"
 SHARDED_DIR = "sharded"
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"
 SAVED_OFFSETS_KEY = "saved_offsets"
+CHECKSUMS_KEY = "dcpio_checksums"  # __metadata__ string: JSON tensor name -> "xxh3-64:<16 hex digits>"
+_DIGEST_PREFIX = "xxh3-64:"
+_SHARD_NO = re.compile(r"^shard-(\d{5})-model-\d{5}-of-\d{5}\.safetensors$")
 _DCP_VERSION = "1.0"
 _OWN_NAME = re.compile(r"^(shard-\d{5}-)?model-\d{5}-of-\d{5}\.safetensors(\.tmp)?$")
 _SMALL_RUN = 16 << 10  # below this many bytes per run, one covering read beats a system call per run
@@ -161,6 +167,76 @@ def _sharding_info(header: SafetensorsHeader) -> dict[str, list[int]]:
             )
         out[name] = offsets
     return out
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """The checksum string recorded for a tensor's stored bytes (``xxh3-64:<hex>``)."""
+    t = tensor.detach()
+    if t.device.type != "cpu" or not t.is_contiguous():
+        t = t.cpu().contiguous()
+    return _DIGEST_PREFIX + xxhash.xxh3_64_hexdigest(byte_view(t))
+
+
+def digests_metadata(digests: Mapping[str, str]) -> dict[str, str]:
+    """The ``__metadata__`` entry carrying per-tensor checksums (safetensors and transformers ignore it)."""
+    return {CHECKSUMS_KEY: json.dumps(dict(sorted(digests.items())), separators=(",", ":"))}
+
+
+def _checksums(header: SafetensorsHeader) -> dict[str, str]:
+    """Per-tensor checksums from ``__metadata__`` (empty for files without them), validated."""
+    raw = (header.metadata or {}).get(CHECKSUMS_KEY)
+    if raw is None:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise CorruptCheckpointError(f"{header.path}: {CHECKSUMS_KEY} in the header is not JSON: {err}") from err
+    ok = isinstance(doc, dict) and all(
+        isinstance(v, str) and v.startswith(_DIGEST_PREFIX) and len(v) == len(_DIGEST_PREFIX) + 16 for v in doc.values()
+    )
+    if not ok or set(doc) - set(header.tensors):
+        raise CorruptCheckpointError(
+            f"{header.path}: {CHECKSUMS_KEY} in the header is damaged (not a map of this file's tensors to "
+            f"{_DIGEST_PREFIX} digests); restore the file from a good copy or export it again"
+        )
+    return dict(doc)
+
+
+def _check_digest(data: memoryview | Any, want: str | None, path: str, key: str) -> None:
+    """Compare bytes (a buffer, or a finished ``xxh3_64`` hasher) with the checksum recorded for them."""
+    if want is None:
+        return
+    got = _DIGEST_PREFIX + (data.hexdigest() if hasattr(data, "hexdigest") else xxhash.xxh3_64_hexdigest(data))
+    if got != want:
+        raise CorruptCheckpointError(
+            f"{path}: tensor {key!r}: its bytes do not match the checksum recorded when it was exported ({want}, "
+            f"read {got}); the file is damaged. Restore it from a good copy or export it again"
+        )
+
+
+class _Handles:
+    """Read handles opened on first use and shared by the threads of one load or consolidation; closed together."""
+
+    def __init__(self, fs: FileSystemBase) -> None:
+        self.fs = fs
+        self._lock = threading.Lock()
+        self._open: dict[str, ReadHandle] = {}
+
+    def get(self, path: str) -> ReadHandle:
+        with self._lock:
+            handle = self._open.get(path)
+            if handle is None:
+                handle = self._open[path] = self.fs.open_reader(path)
+            return handle
+
+    def __enter__(self) -> _Handles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            handles, self._open = list(self._open.values()), {}
+        for h in handles:
+            h.close()
 
 
 def _read_header(fs: FileSystemBase, path: str) -> SafetensorsHeader:
@@ -332,7 +408,13 @@ class HuggingFaceStorageWriter(StorageWriter):
         for item in plan.items:
             buckets.setdefault(mapping[item.index.fqn] if mapping else 1, []).append(item)
         jobs = [(_file_name(i, count, shard), items) for i, items in sorted(buckets.items())]
-        results = _parallel(lambda job: self._write_file(job[0], job[1], planner), jobs, self.thread_count)
+        try:
+            results = _parallel(lambda job: self._write_file(job[0], job[1], planner), jobs, self.thread_count)
+        except BaseException:
+            if not self.save_distributed:  # this save's finished files wait as .tmp for finish(): none is committed
+                for name, _ in jobs:
+                    self.fs.remove_quietly(f"{_join(self.fs, self._data_dir, name)}.tmp")
+            raise
         if self.sync_files:
             self.fs.sync_dir(self._data_dir)
         return _done([r for rs in results for r in rs])
@@ -368,6 +450,8 @@ class HuggingFaceStorageWriter(StorageWriter):
                 )
             return data
 
+        # checksums go in the header, which is written first: hash every tensor before streaming it
+        metadata.update(digests_metadata({e.name: tensor_digest(resolve(e.name)) for e in entries}))
         path = _join(self.fs, self._data_dir, name)
         if self.save_distributed:
             # shards are read back by the consolidation: publish each one as soon as it is complete
@@ -422,6 +506,7 @@ class _Shard:
     offset: int  # absolute offset of the shard's bytes
     shape: tuple[int, ...]  # torch shape
     offsets: tuple[int, ...]  # position in the full tensor (torch units)
+    checksum: str | None = None  # recorded by a dcpio export, verified as the shard is read
 
 
 @dataclass
@@ -447,51 +532,82 @@ def _elem_bytes(st_dtype: str, path: str, name: str) -> int:
     return bits // 8
 
 
+def _add_shards(full: dict[str, _FullTensor], header: SafetensorsHeader) -> None:
+    digests = _checksums(header)
+    for name, offsets in _sharding_info(header).items():
+        entry = header.tensors[name]
+        shape = torch_shape_of(entry.dtype, entry.shape)
+        t = full.get(name)
+        if t is None:
+            elem = _elem_bytes(entry.dtype, header.path, name)
+            t = full[name] = _FullTensor(entry.dtype, elem, [0] * len(shape), [])
+        if t.st_dtype != entry.dtype or len(t.shape) != len(shape):
+            raise CorruptCheckpointError(
+                f"{header.path}: tensor {name!r} is {entry.dtype} of rank {len(shape)} here but {t.st_dtype} of "
+                f"rank {len(t.shape)} in another shard; the shard files come from different saves"
+            )
+        t.shape = [max(a, o + s) for a, o, s in zip(t.shape, offsets, shape)]
+        t.shards.append(_Shard(header.path, header.data_start + entry.begin, shape, tuple(offsets), digests.get(name)))
+
+
+def _missing_ranks(files: Sequence[str]) -> list[str]:
+    """Ranks whose shard files are all absent although a higher rank's are there (``shard-00002-*`` when 00001 and
+    00003 wrote files): a save_distributed folder with a rank's files lost."""
+    ranks = set()
+    for f in files:
+        m = _SHARD_NO.match(os.path.basename(f))
+        if m:
+            ranks.add(int(m.group(1)))
+    return [f"shard-{r:05d}-*{SUFFIX}" for r in range(1, max(ranks, default=0) + 1) if r not in ranks]
+
+
 def _gather_full_tensors(fs: FileSystemBase, input_dir: str, threads: int) -> dict[str, _FullTensor]:
     files = _list_safetensors(fs, input_dir)
     if not files:
         raise IncompleteCheckpointError(f"{input_dir}: no {SUFFIX} files to consolidate; check the directory")
+    absent = _missing_ranks(files)
+    if absent:
+        raise IncompleteCheckpointError(
+            f"{input_dir}: the shard files {', '.join(absent[:8])} are missing (higher ranks' files are there), so "
+            "parts of the tensors are in no file; restore them, or save again, before consolidating"
+        )
     headers = _parallel(lambda p: _read_header(fs, p), files, max(threads, 2))
     full: dict[str, _FullTensor] = {}
     for header in headers:
-        for name, offsets in _sharding_info(header).items():
-            entry = header.tensors[name]
-            shape = torch_shape_of(entry.dtype, entry.shape)
-            t = full.get(name)
-            if t is None:
-                elem = _elem_bytes(entry.dtype, header.path, name)
-                t = full[name] = _FullTensor(entry.dtype, elem, [0] * len(shape), [])
-            if t.st_dtype != entry.dtype or len(t.shape) != len(shape):
-                raise CorruptCheckpointError(
-                    f"{header.path}: tensor {name!r} is {entry.dtype} of rank {len(shape)} here but {t.st_dtype} of "
-                    f"rank {len(t.shape)} in another shard; the shard files come from different saves"
-                )
-            t.shape = [max(a, o + s) for a, o, s in zip(t.shape, offsets, shape)]
-            t.shards.append(_Shard(header.path, header.data_start + entry.begin, shape, tuple(offsets)))
+        _add_shards(full, header)
+    fix = f"a shard file of {input_dir} is missing or comes from another save; restore it (or save again)"
+    for name, t in full.items():
+        check_tiling(name, t.shape, [(s.offsets, s.shape) for s in t.shards], input_dir, fix)
     return full
 
 
-def _place_shard(handle: ReadHandle, shard: _Shard, full_u8: torch.Tensor, t: _FullTensor) -> None:
-    """Read one shard's bytes into its place in the full tensor's byte buffer."""
+def _place_shard(handle: ReadHandle, shard: _Shard, full_u8: torch.Tensor, t: _FullTensor, name: str) -> None:
+    """Read one shard's bytes into its place in the full tensor's byte buffer, verifying its checksum."""
     shape, offs, full_shape, e = shard.shape, shard.offsets, t.shape, t.elem
     if math.prod(shape) == 0:
+        _check_digest(memoryview(b""), shard.checksum, shard.handle_key, name)
         return
     if not full_shape:
         handle.readinto(shard.offset, byte_view(full_u8)[:e])
+        _check_digest(byte_view(full_u8)[:e], shard.checksum, shard.handle_key, name)
         return
     region = full_u8.view(*full_shape, e)[tuple(slice(o, o + s) for o, s in zip(offs, shape))]
     if region.is_contiguous():
         handle.readinto(shard.offset, byte_view(region))
+        _check_digest(byte_view(region), shard.checksum, shard.handle_key, name)
         return
     # a strided destination (for example a Shard(1) column block): read whole leading slabs through bounded scratch
     slab = math.prod(shape[1:]) * e
     rows = max(1, _COPY_BLOCK // max(1, slab))
     scratch = torch.empty(min(rows, shape[0]) * slab, dtype=torch.uint8)
+    hasher = xxhash.xxh3_64()
     for r0 in range(0, shape[0], rows):
         n = min(rows, shape[0] - r0)
         part = scratch[: n * slab]
         handle.readinto(shard.offset + r0 * slab, byte_view(part))
+        hasher.update(byte_view(part))
         region[r0 : r0 + n].copy_(part.view(n, *shape[1:], e))
+    _check_digest(hasher, shard.checksum, shard.handle_key, name)
 
 
 def _consolidate_file(
@@ -499,21 +615,23 @@ def _consolidate_file(
     out_path: str,
     fqns: list[str],
     full: dict[str, _FullTensor],
-    handles: dict[str, ReadHandle],
+    handles: _Handles,
     sync: bool,
 ) -> int:
     entries = layout((fqn, full[fqn].st_dtype, full[fqn].st_shape) for fqn in fqns)
 
     def materialise(fqn: str) -> torch.Tensor:
         t = full[fqn]
-        # zeros: parts no shard covers (a shard set that stops short of the end) read back as 0
-        buf = torch.zeros(math.prod(t.shape) * t.elem, dtype=torch.uint8)
+        # the shards tile the tensor exactly (checked when gathered): every byte is written below
+        buf = torch.empty(math.prod(t.shape) * t.elem, dtype=torch.uint8)
         for shard in t.shards:
-            _place_shard(handles[shard.handle_key], shard, buf, t)
+            _place_shard(handles.get(shard.handle_key), shard, buf, t, fqn)
         dtype = torch_dtype_of(t.st_dtype, out_path, fqn)
         return buf.view(dtype).view(t.shape) if t.shape else buf.view(dtype).reshape(())
 
-    write_entries(fs, out_path, entries, materialise, {"format": "pt"}, sync=sync, atomic=True)
+    # the output's checksums go in its header, written first: one pass to hash, one to write
+    metadata = {"format": "pt", **digests_metadata({e.name: tensor_digest(materialise(e.name)) for e in entries})}
+    write_entries(fs, out_path, entries, materialise, metadata, sync=sync, atomic=True)
     return sum(e.nbytes for e in entries)
 
 
@@ -546,11 +664,7 @@ def _consolidate(
     if not mine:
         return weight_map, total
     fs.mkdir(output_dir)
-    needed = sorted({s.handle_key for i in mine for f in by_index[i] for s in full[f].shards})
-    handles: dict[str, ReadHandle] = {}
-    try:
-        for p in needed:
-            handles[p] = fs.open_reader(p)
+    with _Handles(fs) as handles:
         _parallel(
             lambda i: _consolidate_file(
                 fs, _join(fs, output_dir, _file_name(i, count)), by_index[i], full, handles, sync
@@ -558,9 +672,6 @@ def _consolidate(
             mine,
             num_threads,
         )
-    finally:
-        for h in handles.values():
-            h.close()
     return weight_map, total
 
 
@@ -575,10 +686,16 @@ def consolidate_safetensors_files(
 ) -> None:
     """Turn the shard files of a ``save_distributed`` save into full tensors in the HF layout.
 
-    Each output tensor is assembled in one buffer (zero-filled, so regions no shard covers read as 0) straight from
-    the shard files' byte ranges and written out before the next one is built: peak memory is the largest tensor per
-    thread plus a constant. Works on bytes, so every dtype (int, bool, float8) consolidates. Files without
-    ``DCP_SHARDING_INFO`` count as full tensors at offset 0.
+    Each output tensor is assembled in one buffer straight from the shard files' byte ranges and written out before
+    the next one is built: peak memory is the largest tensor per thread plus a constant. Works on bytes, so every
+    dtype (int, bool, float8) consolidates. Files without ``DCP_SHARDING_INFO`` count as full tensors at offset 0.
+    The shards must tile every tensor exactly: a region no shard holds (a missing rank's file) or a shard reaching
+    past its data is refused, naming the tensor, before anything is allocated. Checksums recorded by a dcpio export
+    are verified as each shard is read, and the output carries its own.
+
+    Example::
+
+        dcpio.consolidate_safetensors_files("export/sharded", "export/", fqn_to_index_mapping=None)
 
     Args:
         input_dir: directory of the shard files.
@@ -650,7 +767,8 @@ def consolidate_safetensors_files_on_every_rank(
 # --------------------------------------------------------------------------------------------------------- reader
 @dataclass(frozen=True)
 class _HFStorageInfo:
-    """Where one stored chunk is: file (relative), absolute byte offset, torch shape and dtype, name in the file."""
+    """Where one stored chunk is: file (relative), absolute byte offset, torch shape and dtype, name in the file, and
+    the checksum a dcpio export recorded for its bytes (None for files without)."""
 
     relative_path: str
     offset: int
@@ -658,31 +776,61 @@ class _HFStorageInfo:
     shape: torch.Size
     dtype: torch.dtype
     key: str
+    checksum: str | None = None
 
 
-def _safe_name(directory: str, name: Any, source: str) -> str:
-    if (
-        not isinstance(name, str)
-        or not name
-        or "/" in name
-        or "\\" in name
-        or name in (".", "..")
-        or os.path.isabs(name)
-        or "\x00" in name
-    ):
-        raise UnsafeCheckpointError(
-            f"{source}: names file {name!r}, which is not a plain file name inside {directory}; refusing to read it"
+def list_files(fs: FileSystemBase, path: str) -> tuple[list[str], dict[str, str] | None]:
+    """The data files of an HF folder and its weight map: those ``model.safetensors.index.json`` names when there is
+    one (other ``*.safetensors`` beside it are an older export's and are ignored), else every ``*.safetensors``.
+
+    Raises:
+        CorruptCheckpointError: the index is not valid JSON or has no weight map.
+        UnsafeCheckpointError: the index names something that is not a plain file name in the folder.
+        IncompleteCheckpointError: no data files at all.
+    """
+    index_path = _join(fs, path, INDEX_NAME)
+    if fs.exists(index_path):
+        raw = fs.read_file(index_path, knobs.max_metadata_bytes())
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise CorruptCheckpointError(f"{index_path}: not valid JSON ({err}); restore or re-download it") from err
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CorruptCheckpointError(f"{index_path}: no weight_map of tensor name -> file name")
+        names = sorted({check_plain_name(v, path, index_path) for v in weight_map.values()})
+        return names, weight_map
+    names = [os.path.basename(p) for p in _list_safetensors(fs, path)]
+    if not names:
+        raise IncompleteCheckpointError(
+            f"{path}: no {SUFFIX} files and no {INDEX_NAME}; this is not a Hugging Face checkpoint folder "
+            "(or the save never finished)"
         )
-    return name
+    return names, None
+
+
+def _check_present(fs: FileSystemBase, path: str, names: Sequence[str], weight_map: Mapping[str, str]) -> None:
+    missing = [n for n in names if not fs.exists(_join(fs, path, n))]
+    if missing:
+        held = sorted(k for k, f in weight_map.items() if f in set(missing))
+        raise IncompleteCheckpointError(
+            f"{path}/{INDEX_NAME} lists {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else "")
+            + f", which the folder lacks ({len(held)} tensors, e.g. {held[:3]}); the download or copy is incomplete "
+            "(transformers cannot load it either). Fetch the missing files again"
+        )
 
 
 class HuggingFaceStorageReader(StorageReader):
     """A DCP ``StorageReader`` for Hugging Face safetensors folders.
 
     Reads folders written by :class:`HuggingFaceStorageWriter` (plain, sharded, consolidated) and plain hub folders
-    (``model.safetensors``; sharded with ``model.safetensors.index.json``; sharded without an index). Only the byte
-    ranges the plan asks for are read, in parallel over ``thread_count`` threads, straight into destination tensors
-    that are contiguous CPU tensors of the stored dtype (otherwise through scratch with a dtype-converting copy).
+    (``model.safetensors``; sharded with ``model.safetensors.index.json``; sharded without an index). When there is an
+    index it is the truth: files it does not name are ignored, and a file it names but the folder lacks is an error.
+    The chunks of a sharded (``save_distributed``) folder must tile each tensor exactly. Only the byte ranges the plan
+    asks for are read, in parallel over ``thread_count`` threads, straight into destination tensors that are
+    contiguous CPU tensors of the stored dtype (otherwise through scratch with a dtype-converting copy). A read of a
+    whole stored tensor is checked against the checksum a dcpio export records in the header (``dcpio_checksums``).
 
     Call order (driven by ``dcp.load``): ``reset`` -> ``read_metadata`` -> ``set_up_storage_reader`` ->
     ``prepare_local_plan`` -> ``prepare_global_plan`` (coordinator) -> ``read_data``.
@@ -697,7 +845,9 @@ class HuggingFaceStorageReader(StorageReader):
         thread_count: int | None = None,
         key_mapping: Mapping[str, str] | None = None,
         *,
+        verify_checksums: bool = True,
         _fs: FileSystemBase | None = None,
+        _only_files: Sequence[str] | None = None,
     ) -> None:
         """Point the reader at a folder.
 
@@ -707,15 +857,21 @@ class HuggingFaceStorageReader(StorageReader):
                 :func:`dcpio.knobs.default_io_threads` (torch's class defaults to 1).
             key_mapping: regex -> replacement renames applied to stored names (first matching pattern wins, as in
                 ``transformers``), so ``{"^model\\.": ""}`` loads a ``model.``-prefixed file into a bare state dict.
+            verify_checksums: check the per-tensor checksums of dcpio exports (default True).
             _fs: the byte mover (default: local disk).
+            _only_files: read just these files of the folder, each on its own terms (no index, no tiling check):
+                what ``dcpio verify`` uses to read every sound file of a damaged folder.
         """
         super().__init__()
         self.fs: FileSystemBase = _fs if _fs is not None else FileSystem()
         self.path = str(path)
         self.thread_count = knobs.default_io_threads() if thread_count is None else max(1, int(thread_count))
         self.key_mapping = [(re.compile(p), r) for p, r in (key_mapping or {}).items()]
+        self.verify_checksums = verify_checksums
+        self.only_files = list(_only_files) if _only_files is not None else None
         self.load_id = str(uuid.uuid4())
         self.storage_data: dict[MetadataIndex, _HFStorageInfo] = {}
+        self.headers: dict[str, SafetensorsHeader] = {}
 
     @property
     def checkpoint_id(self) -> str:
@@ -739,36 +895,16 @@ class HuggingFaceStorageReader(StorageReader):
         return key
 
     def _files(self) -> tuple[list[str], dict[str, str] | None]:
-        index_path = _join(self.fs, self.path, INDEX_NAME)
-        if self.fs.exists(index_path):
-            raw = self.fs.read_file(index_path, knobs.max_metadata_bytes())
-            try:
-                doc = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError, RecursionError) as err:
-                raise CorruptCheckpointError(
-                    f"{index_path}: not valid JSON ({err}); restore or re-download it"
-                ) from err
-            weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise CorruptCheckpointError(f"{index_path}: no weight_map of tensor name -> file name")
-            names = sorted({_safe_name(self.path, v, index_path) for v in weight_map.values()})
-            return names, weight_map
-        names = [os.path.basename(p) for p in _list_safetensors(self.fs, self.path)]
-        if not names:
-            raise IncompleteCheckpointError(
-                f"{self.path}: no {SUFFIX} files and no {INDEX_NAME}; this is not a Hugging Face checkpoint folder "
-                "(or the save never finished)"
-            )
-        return names, None
+        if self.only_files is not None:
+            return [check_plain_name(n, self.path, self.path) for n in self.only_files], None
+        names, weight_map = list_files(self.fs, self.path)
+        if weight_map is not None:
+            _check_present(self.fs, self.path, names, weight_map)
+        return names, weight_map
 
     def _check_inside(self, name: str) -> str:
-        path = _join(self.fs, self.path, name)
-        root = self.fs.local_root(self.path)
-        if root is not None:
-            real = os.path.realpath(path)
-            if os.path.commonpath([real, root]) != root:
-                raise UnsafeCheckpointError(f"{path}: resolves to {real}, outside the checkpoint folder {root}")
-        return path
+        confined(self.fs.local_root(self.path), name, f"{self.path}: {name}")
+        return _join(self.fs, self.path, name)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Parse every file's header (validated, in parallel) and describe the tensors as DCP metadata."""
@@ -777,38 +913,12 @@ class HuggingFaceStorageReader(StorageReader):
         names, weight_map = self._files()
         paths = [self._check_inside(n) for n in names]
         headers = _parallel(lambda p: _read_header(self.fs, p), paths, self.thread_count)
+        self.headers = dict(zip(names, headers))
         sd_md: dict[str, TensorStorageMetadata] = {}
         storage: dict[MetadataIndex, _HFStorageInfo] = {}
         origin: dict[tuple[str, tuple[int, ...]], str] = {}
         for name, header in zip(names, headers):
-            sharding = _sharding_info(header)
-            for key, entry in header.tensors.items():
-                dtype = torch_dtype_of(entry.dtype, header.path, key)
-                shape = torch.Size(torch_shape_of(entry.dtype, entry.shape))
-                offsets = tuple(sharding[key])
-                fqn = self._rename(key)
-                where = origin.setdefault((fqn, offsets), f"{name}:{key}")
-                if where != f"{name}:{key}":
-                    raise CorruptCheckpointError(
-                        f"{self.path}: tensor {fqn!r} (at offsets {list(offsets)}) is stored twice, as {where} and "
-                        f"{name}:{key}; remove the stale file or fix key_mapping"
-                    )
-                md = sd_md.get(fqn)
-                if md is None:
-                    md = sd_md[fqn] = TensorStorageMetadata(
-                        TensorProperties(dtype=dtype), torch.Size([0] * len(shape)), []
-                    )
-                if md.properties.dtype != dtype or len(md.size) != len(shape):
-                    raise CorruptCheckpointError(
-                        f"{header.path}: tensor {key!r} is {dtype} {list(shape)} here but {md.properties.dtype} of "
-                        f"rank {len(md.size)} in another file; the folder mixes different saves"
-                    )
-                md.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=shape))
-                md.size = torch.Size([max(a, o + s) for a, o, s in zip(md.size, offsets, shape)])
-                start, length = header.absolute(key)
-                storage[MetadataIndex(fqn=fqn, offset=torch.Size(offsets))] = _HFStorageInfo(
-                    name, start, length, shape, dtype, key
-                )
+            self._describe_file(name, header, sd_md, storage, origin)
         if weight_map is not None:
             held = {(n, k) for n, h in zip(names, headers) for k in h.tensors}
             lost = [(k, f) for k, f in weight_map.items() if (f, k) not in held]
@@ -817,12 +927,52 @@ class HuggingFaceStorageReader(StorageReader):
                     f"{self.path}/{INDEX_NAME}: names {lost[:5]} (tensor, file) but those files do not hold them; "
                     "the index and the data files are from different saves"
                 )
+        if self.only_files is None:
+            fix = "a shard file is missing or comes from another save; restore it, or export the folder again"
+            for fqn, md in sd_md.items():
+                check_tiling(fqn, md.size, [(c.offsets, c.sizes) for c in md.chunks], self.path, fix)
         self.storage_data = storage
         return Metadata(
             state_dict_metadata=dict(sd_md),  # type: ignore[arg-type]
             storage_data=storage,
             storage_meta=StorageMeta(checkpoint_id=self.path, load_id=self.load_id),
         )
+
+    def _describe_file(
+        self,
+        name: str,
+        header: SafetensorsHeader,
+        sd_md: dict[str, TensorStorageMetadata],
+        storage: dict[MetadataIndex, _HFStorageInfo],
+        origin: dict[tuple[str, tuple[int, ...]], str],
+    ) -> None:
+        sharding = _sharding_info(header)
+        digests = _checksums(header)
+        for key, entry in header.tensors.items():
+            dtype = torch_dtype_of(entry.dtype, header.path, key)
+            shape = torch.Size(torch_shape_of(entry.dtype, entry.shape))
+            offsets = tuple(sharding[key])
+            fqn = self._rename(key)
+            where = origin.setdefault((fqn, offsets), f"{name}:{key}")
+            if where != f"{name}:{key}":
+                raise CorruptCheckpointError(
+                    f"{self.path}: tensor {fqn!r} (at offsets {list(offsets)}) is stored twice, as {where} and "
+                    f"{name}:{key}; remove the stale file or fix key_mapping"
+                )
+            md = sd_md.get(fqn)
+            if md is None:
+                md = sd_md[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size([0] * len(shape)), [])
+            if md.properties.dtype != dtype or len(md.size) != len(shape):
+                raise CorruptCheckpointError(
+                    f"{header.path}: tensor {key!r} is {dtype} {list(shape)} here but {md.properties.dtype} of "
+                    f"rank {len(md.size)} in another file; the folder mixes different saves"
+                )
+            md.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=shape))
+            md.size = torch.Size([max(a, o + s) for a, o, s in zip(md.size, offsets, shape)])
+            start, length = header.absolute(key)
+            storage[MetadataIndex(fqn=fqn, offset=torch.Size(offsets))] = _HFStorageInfo(
+                name, start, length, shape, dtype, key, digests.get(key) if self.verify_checksums else None
+            )
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.storage_data = metadata.storage_data  # type: ignore[assignment]
@@ -847,16 +997,13 @@ class HuggingFaceStorageReader(StorageReader):
             jobs.append((req, info))
         # sorted by file and offset: neighbouring requests hit neighbouring pages
         jobs.sort(key=lambda j: (j[1].relative_path, j[1].offset))
-        handles: dict[str, ReadHandle] = {}
-        try:
-            for name in sorted({info.relative_path for _, info in jobs}):
-                handles[name] = self.fs.open_reader(_join(self.fs, self.path, name))
-            threads = self.thread_count if self.fs.supports_parallel_reads else 1
-            with gc_paused():
-                _parallel(lambda j: self._read_item(handles[j[1].relative_path], j[0], j[1], planner), jobs, threads)
-        finally:
-            for h in handles.values():
-                h.close()
+        threads = self.thread_count if self.fs.supports_parallel_reads else 1
+        # checked again here, not only in read_metadata: metadata can come from elsewhere (set_up_storage_reader)
+        paths = {name: self._check_inside(name) for name in {info.relative_path for _, info in jobs}}
+        with _Handles(self.fs) as handles, gc_paused():
+            _parallel(
+                lambda j: self._read_item(handles.get(paths[j[1].relative_path]), j[0], j[1], planner), jobs, threads
+            )
         return _done(None)
 
     def _read_item(self, handle: ReadHandle, req: ReadItem, info: _HFStorageInfo, planner: LoadPlanner) -> None:
@@ -870,7 +1017,10 @@ class HuggingFaceStorageReader(StorageReader):
             )
         direct = is_dense_cpu(target) and target.dtype == info.dtype
         dest = target if direct else torch.empty(lengths, dtype=info.dtype)
-        _read_region(handle, info, tuple(int(o) for o in req.storage_offsets), lengths, dest)
+        offs = tuple(int(o) for o in req.storage_offsets)
+        _read_region(handle, info, offs, lengths, dest)
+        if info.checksum is not None and not any(offs) and lengths == tuple(info.shape):
+            _check_digest(byte_view(dest), info.checksum, handle.path, info.key)
         if not direct:
             target.copy_(dest)
         planner.commit_tensor(req, target)

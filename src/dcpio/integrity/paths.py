@@ -11,7 +11,7 @@ import posixpath
 
 from dcpio.errors import UnsafeCheckpointError
 
-__all__ = ["check_relative_path", "check_stays_inside"]
+__all__ = ["check_plain_name", "check_relative_path", "check_stays_inside", "confined"]
 
 
 def check_relative_path(relative: object, where: str) -> str:
@@ -42,3 +42,21 @@ def check_stays_inside(root: str, relative: str, where: str) -> None:
             f"{where}: data file {relative!r} resolves to {target}, outside the checkpoint directory {real_root} "
             "(a symlink pointing out?); refused."
         )
+
+
+def check_plain_name(name: object, directory: str, where: str) -> str:
+    """Return ``name`` if it is one plain file name (no directory part), as an HF index must give; raise otherwise."""
+    rel = check_relative_path(name, where)
+    if "/" in rel or rel in (".", ".."):
+        raise UnsafeCheckpointError(
+            f"{where}: names file {rel!r}, which is not a plain file name inside {directory}; refusing to read it"
+        )
+    return rel
+
+
+def confined(local_root: str | None, relative: str, where: str) -> None:
+    """The one confinement check of every reader and command: a safe relative name that, for a local checkpoint
+    (``local_root`` is its real directory), does not resolve through a symlink to anything outside it."""
+    check_relative_path(relative, where)
+    if local_root is not None:
+        check_stays_inside(local_root, relative, where)

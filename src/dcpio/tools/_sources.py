@@ -6,8 +6,11 @@ Every tool goes through :func:`open_source`, which recognises the kind of checkp
 time. Loading one entry at a time is what keeps ``diff`` and ``convert`` bounded by the largest tensor, not
 the checkpoint.
 
-DCP entries are read through dcpio's own reader (checksums verified) driven item by item with a tiny planner,
-so a damaged file shows up as a :class:`dcpio.CheckpointError` naming the file and the tensor.
+DCP checkpoints and HF folders are read through the library's own readers (``FileSystemReader`` /
+``FsspecReader`` and ``HuggingFaceStorageReader``: the classes ``dcp.load`` uses), driven item by item with a
+tiny planner. So a command never sees a checkpoint differently from a load: the same index, the same assembly of
+sharded tensors, the same confinement to the checkpoint's directory, the same checksums; a damaged file shows up
+as a :class:`dcpio.CheckpointError` naming the file and the tensor.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,12 +35,14 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from dcpio.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
+from dcpio.integrity.extents import check_tiling
 
 __all__ = [
     "DcpSource",
     "Entry",
     "HfSource",
     "ProgressFn",
+    "ReaderSource",
     "Source",
     "TorchFileSource",
     "is_url",
@@ -99,6 +105,10 @@ class Source:
     def load(self, name: str) -> Any:
         """The full value of entry ``name``: a CPU tensor, or the object for a non-tensor entry."""
         raise NotImplementedError
+
+    def object_path(self, name: str) -> tuple[Any, ...]:
+        """Where ``name`` sat in the nested state dict (flat names have a path of one key)."""
+        return (name,)
 
     def close(self) -> None:
         """Release files and handles."""
@@ -186,18 +196,31 @@ def make_reader(path: str, storage_options: Mapping[str, Any] | None = None) -> 
     return reader_cls(path, allow_pickle=True, **opts) if takes_allow else reader_cls(path, **opts)
 
 
-class DcpSource(Source):
-    """A torch.distributed.checkpoint directory read through dcpio's reader."""
+class ReaderSource(Source):
+    """A checkpoint read through one of dcpio's storage readers, the same classes ``dcp.load`` uses.
 
-    kind = "dcp"
+    The reader is driven item by item with :class:`_ItemPlanner`, so a command sees exactly what a load sees: the
+    same metadata, the same files (confinement checked), the same assembly of chunks and the same checksums. Every
+    tensor's stored chunks must tile its shape, which bounds what a command produces by what is stored.
+    """
 
-    def __init__(self, path: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, path: str, reader: Any) -> None:
         self.path = path
-        self.storage_options = dict(storage_options or {})
-        self.reader = make_reader(path, self.storage_options)
+        self.reader = reader
         self.metadata: Metadata = self.reader.read_metadata()
         self.reader.set_up_storage_reader(self.metadata, True)
-        self._mapping = self.metadata.planner_data if isinstance(self.metadata.planner_data, dict) else {}
+        self._lock = threading.Lock()  # one read at a time: the readers keep per-load state
+
+    def _check_tiling(self) -> None:
+        for name, md in self.metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                check_tiling(
+                    name,
+                    tuple(md.size),
+                    [(c.offsets, c.sizes) for c in md.chunks],
+                    self.path,
+                    "the metadata is damaged or a part of the checkpoint is missing; restore it or save again",
+                )
 
     # -- structure
     def entries(self) -> list[Entry]:
@@ -210,14 +233,9 @@ class DcpSource(Source):
         return out
 
     def storage_info(self) -> dict[MetadataIndex, Any]:
-        """``MetadataIndex -> _StorageInfo`` (file, offset, length, transforms, dcpio checksum)."""
+        """``MetadataIndex -> storage info`` (file, offset, length, and the format's extras such as checksums)."""
         data = self.metadata.storage_data
         return data if isinstance(data, dict) else {}
-
-    def object_path(self, name: str) -> tuple[Any, ...]:
-        """Where ``name`` sat in the nested state dict that was saved (from the planner's flatten mapping)."""
-        path = self._mapping.get(name)
-        return tuple(path) if path else (name,)
 
     def files_of(self, name: str) -> list[str]:
         """Relative paths of the data files holding pieces of ``name``."""
@@ -225,9 +243,10 @@ class DcpSource(Source):
 
     # -- reading
     def _run(self, items: list[ReadItem], planner: _ItemPlanner) -> None:
-        plan = self.reader.prepare_local_plan(LoadPlan(items))
-        plan = self.reader.prepare_global_plan([plan])[0]
-        self.reader.read_data(plan, planner).wait()
+        with self._lock:
+            plan = self.reader.prepare_local_plan(LoadPlan(items))
+            plan = self.reader.prepare_global_plan([plan])[0]
+            self.reader.read_data(plan, planner).wait()
 
     def load_chunk(self, name: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
         """One saved chunk of tensor ``name``, as stored (memory: the chunk only)."""
@@ -281,6 +300,27 @@ class DcpSource(Source):
         return out
 
 
+class DcpSource(ReaderSource):
+    """A torch.distributed.checkpoint directory read through dcpio's reader (checksums verified)."""
+
+    kind = "dcp"
+
+    def __init__(self, path: str, storage_options: Mapping[str, Any] | None = None, *, check: bool = True) -> None:
+        self.storage_options = dict(storage_options or {})
+        super().__init__(path, make_reader(path, self.storage_options))
+        mapping = self.metadata.planner_data
+        self._mapping = mapping if isinstance(mapping, dict) else {}
+        if check:
+            self._check_tiling()
+
+    def object_path(self, name: str) -> tuple[Any, ...]:
+        """Where ``name`` sat in the nested state dict that was saved (from the planner's flatten mapping)."""
+        path = self._mapping.get(name)
+        if isinstance(path, (tuple, list)) and path and all(isinstance(k, (str, int)) for k in path):
+            return tuple(path)
+        return (name,)
+
+
 def decode_object(blob: bytes, where: str) -> Any:
     """Unpickle a DCP object entry with ``weights_only=True``: plain data only, no code runs."""
     try:
@@ -293,70 +333,44 @@ def decode_object(blob: bytes, where: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ safetensors
-def read_safetensors_header(path: str) -> Any:
-    """Parse and validate a safetensors file's header (no tensor data read): a ``SafetensorsHeader``."""
-    from dcpio.formats.safetensors import parse_header
-    from dcpio.movers import FileSystem
+class HfSource(ReaderSource):
+    """A Hugging Face safetensors folder (or one ``.safetensors`` file) read through
+    :class:`dcpio.HuggingFaceStorageReader`: the index honoured, sharded folders assembled, checksums verified.
 
-    handle = FileSystem().open_reader(path)
-    try:
-        return parse_header(handle, None, path)
-    finally:
-        handle.close()
-
-
-class HfSource(Source):
-    """A folder of ``*.safetensors`` files (as written by transformers or dcpio's HF writer), or one such
-    file."""
+    ``only_files`` reads just those files of the folder, each on its own (what ``verify`` uses to read every sound
+    file of a damaged folder).
+    """
 
     kind = "hf"
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, only_files: list[str] | None = None) -> None:
+        from dcpio.formats.hf import HuggingFaceStorageReader
+
         if os.path.isdir(path):
-            self.files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+            self.folder = path
         else:
-            self.files = [path]
-        self._where: dict[str, tuple[str, Any]] = {}
-        self._order: list[str] = []
-        self.headers: dict[str, Any] = {}
-        for file in self.files:
-            header = read_safetensors_header(file)
-            self.headers[file] = header
-            for name in header.tensors:
-                if name not in self._where:
-                    self._order.append(name)
-                self._where[name] = (file, header)
+            self.folder = os.path.dirname(path) or "."
+            only_files = [os.path.basename(path)]
+        super().__init__(path, HuggingFaceStorageReader(self.folder, _only_files=only_files))
 
-    def entries(self) -> list[Entry]:
-        out = []
-        for name in self._order:
-            _, header = self._where[name]
-            entry = header.tensors[name]
-            out.append(Entry(name, "tensor", entry.torch_dtype, tuple(int(s) for s in entry.torch_shape)))
-        return out
+    @property
+    def files(self) -> list[str]:
+        """The data files read, relative to the folder."""
+        return sorted(self.reader.headers)
 
-    def file_of(self, name: str) -> str:
-        return self._where[name][0]
+    @property
+    def header_metadata(self) -> dict[str, dict[str, str]]:
+        """Each data file's ``__metadata__`` strings."""
+        return {name: dict(h.metadata or {}) for name, h in self.reader.headers.items()}
+
+    @property
+    def checksummed(self) -> bool:
+        """Every stored tensor carries a dcpio export checksum."""
+        infos = self.storage_info().values()
+        return bool(infos) and all(getattr(i, "checksum", None) is not None for i in infos)
 
     def stored_bytes(self, name: str) -> int:
-        return int(self._where[name][1].tensors[name].nbytes)
-
-    def load(self, name: str) -> torch.Tensor:
-        return self.load_mmap(name).clone()
-
-    def load_mmap(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` backed by a private read-only mapping of its file: pages load on use, never
-        copied."""
-        file, header = self._where[name]
-        entry = header.tensors[name]
-        shape = tuple(int(s) for s in entry.torch_shape)
-        if entry.nbytes == 0:
-            return torch.empty(shape, dtype=entry.torch_dtype)
-        storage = torch.UntypedStorage.from_file(file, shared=False, nbytes=int(header.file_size))
-        raw = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
-        start, length = header.absolute(name)
-        return raw[start : start + length].view(entry.torch_dtype).reshape(shape)
+        return sum(int(info.length) for idx, info in self.storage_info().items() if idx.fqn == name)
 
 
 # ------------------------------------------------------------------------------------------------- torch.save
@@ -375,14 +389,21 @@ def flatten(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 def dcp_names(obj: Any) -> dict[str, Any]:
     """Flatten ``obj`` exactly as DCP's default planner does, so a torch.save file and a DCP checkpoint of the
     same state dict name their entries alike (lists without tensors stay one value, for instance)."""
+    return dcp_flatten(obj)[0]
+
+
+def dcp_flatten(obj: Any) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
+    """:func:`dcp_names` and, per name, the path of keys it sat at in ``obj``."""
     if not isinstance(obj, dict):
-        return dict(flatten(obj))
+        flat = dict(flatten(obj))
+        return flat, {k: (k,) for k in flat}
     try:
         from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     except ImportError:  # a torch without that helper: our own dotted names
-        return dict(flatten(obj))
-    flat, _ = flatten_state_dict(obj)
-    return dict(flat)
+        flat = dict(flatten(obj))
+        return flat, {k: (k,) for k in flat}
+    flat_sd, mapping = flatten_state_dict(obj)
+    return dict(flat_sd), {k: tuple(v) for k, v in mapping.items()}
 
 
 class TorchFileSource(Source):
@@ -400,7 +421,10 @@ class TorchFileSource(Source):
             raise CorruptCheckpointError(
                 f"{path}: torch.load(weights_only=True) cannot read this file: {first}"
             ) from err
-        self._leaves = dcp_names(self.obj)
+        self._leaves, self._paths = dcp_flatten(self.obj)
+
+    def object_path(self, name: str) -> tuple[Any, ...]:
+        return self._paths.get(name, (name,))
 
     def entries(self) -> list[Entry]:
         out = []
@@ -436,7 +460,7 @@ def detect(path: str) -> Detected:
         names = os.listdir(path)
         if ".metadata" in names:
             return Detected("dcp", path)
-        if any(n.endswith(".safetensors") for n in names):
+        if any(n.endswith(".safetensors") for n in names) or "model.safetensors.index.json" in names:
             return Detected("hf", path)
         if any(n.endswith(".distcp") or re.match(r"^__\d+\.metadata$", n) for n in names):
             raise IncompleteCheckpointError(

@@ -1,34 +1,50 @@
 """``dcpio convert``: between DCP checkpoints, Hugging Face safetensors folders and single ``torch.save`` files.
 
-Every direction streams, so memory stays bounded:
+Sources are read through the library's readers (see :mod:`dcpio.tools._sources`), so a conversion sees exactly
+what ``dcp.load`` sees. Every direction streams, so memory stays bounded:
 
-* DCP -> HF: full tensors are assembled one shard file at a time (at most ``max_shard_size`` bytes held), then
-  ``model.safetensors.index.json`` maps each tensor to its file. Non-tensor entries cannot live in
-  safetensors and are listed in :attr:`ConvertResult.skipped`.
-* HF -> DCP and torch.save file -> DCP: the source tensors are memory-mapped (pages come from the file on use
-  and can be dropped again), then saved with dcpio's writer.
-* DCP -> torch.save file: the file's skeleton (pickle and record layout) is written first without tensor
-  data, then mapped shared and each tensor read from the DCP checkpoint straight into its place in the file,
-  one at a time. The result loads with plain ``torch.load`` (``weights_only=True`` included), nested
-  structure preserved.
+* -> HF: full tensors are assembled one shard file at a time (at most ``max_shard_size`` bytes held), each file
+  carrying per-tensor checksums in its header, then ``model.safetensors.index.json`` maps each tensor to its file.
+  Non-tensor entries cannot live in safetensors and are listed in :attr:`ConvertResult.skipped`.
+* -> DCP: dcpio's writer saves a state dict of placeholder (meta) tensors whose data a planner fetches from the
+  source one tensor at a time, as the writer asks for it. Any source works, DCP included (adds dcpio checksums to a
+  stock checkpoint, changes its serialization format, compresses it).
+* -> torch.save file: the file's skeleton (pickle and record layout) is written first without tensor data, its
+  space reserved, then mapped shared and each tensor read from the source straight into its place in the file,
+  one at a time. The result loads with plain ``torch.load`` (``weights_only=True`` included), nested structure
+  preserved.
+
+Keys can be chosen (``only`` / ``exclude`` by prefix) and renamed (``strip_prefix``, ``rename``) on the way.
+
+Commit: the output is written into a new directory created exclusively beside the destination, made durable, then
+swapped in with renames; the previous output stays intact until the new one is complete, and a failed conversion
+removes only what it created. Files in a destination directory that the output format does not own
+(``config.json``, tokenizer files, ...) are kept. :class:`_StagedOutput` is the seam to the shared commit module.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import mmap
 import os
 import re
 import shutil
+import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from dcpio.errors import CheckpointError, CheckpointExistsError
-from dcpio.tools._sources import DcpSource, HfSource, ProgressFn, Source, TorchFileSource, detect, is_url
+from dcpio.errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError, StorageFullError
+from dcpio.tools._sources import Entry, ProgressFn, Source, detect, is_url, open_source
 
 __all__ = ["ConvertResult", "convert", "parse_size"]
 
@@ -87,146 +103,441 @@ class ConvertResult:
     skipped: list[str] = field(default_factory=list)
 
 
-def _prepare_dir(dst: str, overwrite: bool) -> None:
-    if os.path.exists(dst):
-        if not os.path.isdir(dst):
-            if not overwrite:
-                raise CheckpointExistsError(f"{dst}: exists and is a file; choose a new DST or pass overwrite")
-            os.remove(dst)
-        elif os.listdir(dst):
-            if not overwrite:
-                raise CheckpointExistsError(
-                    f"{dst}: exists and is not empty; choose a new DST or pass --overwrite to replace it"
+# ------------------------------------------------------------------------------------------------ key selection
+@dataclass(frozen=True)
+class Selection:
+    """Which entries go out and under which names.
+
+    Attributes:
+        only: keep entries whose name starts with one of these prefixes (empty: all).
+        exclude: drop entries whose name starts with one of these.
+        strip_prefix: remove the first of these prefixes a kept name starts with.
+        rename: ``(old, new)`` prefix replacements, the first matching one applied after stripping.
+    """
+
+    only: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    strip_prefix: tuple[str, ...] = ()
+    rename: tuple[tuple[str, str], ...] = ()
+
+    def out_name(self, name: str) -> str | None:
+        """The name ``name`` goes out as, or None when it is left out."""
+        if self.only and not name.startswith(self.only):
+            return None
+        if self.exclude and name.startswith(self.exclude):
+            return None
+        for prefix in self.strip_prefix:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                break
+        for old, new in self.rename:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        return name
+
+    def apply(self, entries: Sequence[Entry], where: str) -> list[tuple[Entry, str]]:
+        """``(entry, output name)`` for every entry that goes out; raises ``ValueError`` for an empty selection or
+        two entries that would get one name."""
+        out: list[tuple[Entry, str]] = []
+        taken: dict[str, str] = {}
+        for e in entries:
+            new = self.out_name(e.name)
+            if new is None:
+                continue
+            if not new:
+                raise ValueError(f"{where}: entry {e.name!r} would be renamed to an empty name; adjust the prefixes")
+            if new in taken:
+                raise ValueError(
+                    f"{where}: entries {taken[new]!r} and {e.name!r} would both be written as {new!r}; "
+                    "adjust --strip-prefix / --rename"
                 )
-            shutil.rmtree(dst)
-    os.makedirs(dst, exist_ok=True)
+            taken[new] = e.name
+            out.append((e, new))
+        if not out:
+            raise ValueError(f"{where}: no entry is selected (--only {list(self.only)} --exclude {list(self.exclude)})")
+        return out
 
 
-def _to_hf(src: Source, dst: str, max_shard_size: int, progress: ProgressFn | None, res: ConvertResult) -> None:
-    entries = src.entries()
-    tensors = [e for e in entries if e.kind == "tensor"]
-    res.skipped = [e.name for e in entries if e.kind != "tensor"]
-    # plan the shards from the metadata first, so file names can carry the final count (model-00001-of-00003)
-    shards: list[list[Any]] = []
-    size = 0
-    for e in tensors:
-        if not shards or (size > 0 and size + e.nbytes > max_shard_size):
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += e.nbytes
-    total = sum(e.nbytes for e in tensors)
+def parse_rename(pairs: Sequence[str] | Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """``["old.=new.", ...]`` (or a mapping) as prefix pairs; ``ValueError`` for a pair without ``=``."""
+    if pairs is None:
+        return ()
+    if isinstance(pairs, Mapping):
+        return tuple((str(k), str(v)) for k, v in pairs.items())
+    out = []
+    for pair in pairs:
+        old, sep, new = pair.partition("=")
+        if not sep or not old:
+            raise ValueError(f"--rename expects OLD=NEW (a prefix and its replacement), got {pair!r}")
+        out.append((old, new))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------------- commit
+_HF_OWNED = re.compile(r"^(.*\.safetensors|model\.safetensors\.index\.json)(\.tmp)?$")
+_DCP_OWNED = re.compile(r"^(\.metadata|__\d+\.metadata|.*\.distcp)(\.tmp)?$")
+_OWNS: dict[str, Callable[[str], bool]] = {
+    "hf": lambda name: bool(_HF_OWNED.match(name)),
+    "dcp": lambda name: bool(_DCP_OWNED.match(name)),
+}
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _fsync_path(path: str, directory: bool) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):  # some file systems refuse fsync on directories
+            raise
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two directory entries atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links: a copy keeps the content just the same
+        shutil.copy2(src, dst)
+
+
+class _StagedOutput:
+    """Write into a new directory created exclusively beside ``dst``, then swap it in.
+
+    The seam to the shared commit module: ``path`` is where the conversion writes, :meth:`commit` publishes and
+    :meth:`abort` removes what was staged. Nothing at ``dst`` changes before :meth:`commit`. A directory output
+    carries over every entry of the old ``dst`` that the format does not own (``owns(name)`` False), then replaces
+    the directory in one atomic exchange where the kernel has it (two renames otherwise).
+    """
+
+    def __init__(self, dst: str, directory: bool, owns: Callable[[str], bool] | None = None) -> None:
+        self.dst = os.path.abspath(dst)
+        self.directory = directory
+        self.owns = owns or (lambda _name: True)
+        parent = os.path.dirname(self.dst)
+        os.makedirs(parent, exist_ok=True)
+        self.root = tempfile.mkdtemp(prefix=f".{os.path.basename(self.dst)}.dcpio-stage-", dir=parent)
+        self.path = self.root if directory else os.path.join(self.root, os.path.basename(self.dst))
+
+    def _sync_staged(self) -> None:
+        for here, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not os.path.islink(os.path.join(here, name)):
+                    _fsync_path(os.path.join(here, name), directory=False)
+            _fsync_path(here, directory=True)
+
+    def _carry_over(self) -> None:
+        for name in sorted(os.listdir(self.dst)):
+            if self.owns(name) or os.path.lexists(os.path.join(self.root, name)):
+                continue
+            src, target = os.path.join(self.dst, name), os.path.join(self.root, name)
+            if os.path.isdir(src) and not os.path.islink(src):
+                shutil.copytree(src, target, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(src, target)
+
+    def commit(self) -> None:
+        parent = os.path.dirname(self.dst)
+        if not self.directory:
+            self._sync_staged()
+            os.replace(self.path, self.dst)
+            _fsync_path(parent, directory=True)
+            os.rmdir(self.root)
+            return
+        exists = os.path.isdir(self.dst)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(self.root, os.stat(self.dst).st_mode & 0o7777 if exists else 0o777 & ~mask)
+        if exists:
+            self._carry_over()
+        self._sync_staged()
+        if not exists:
+            os.rename(self.root, self.dst)
+        elif _exchange(self.root, self.dst):
+            shutil.rmtree(self.root)  # the old output, now under the stage's name
+        else:
+            old = f"{self.root}.old"
+            os.rename(self.dst, old)
+            os.rename(self.root, self.dst)
+            shutil.rmtree(old)
+        _fsync_path(parent, directory=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _check_paths(src: str, dst: str) -> None:
+    """Refuse a destination that is, contains or lies inside the source: replacing it would destroy the source."""
+    if is_url(src) or is_url(dst):
+        if src.rstrip("/") == dst.rstrip("/"):
+            raise ValueError(f"{src}: source and destination are the same; choose another DST")
+        return
+    s, d = os.path.realpath(src), os.path.realpath(dst)
+    if s == d:
+        raise ValueError(f"{src}: source and destination are the same; choose another DST")
+    common = os.path.commonpath([s, d])
+    if common == s:
+        raise ValueError(
+            f"{dst}: lies inside the source {src}; writing there would change the source. Choose a DST outside it"
+        )
+    if common == d:
+        raise ValueError(f"{dst}: contains the source {src}; replacing it would delete the source. Choose another DST")
+
+
+def _check_destination(dst: str, directory: bool, overwrite: bool) -> None:
+    if is_url(dst) or not os.path.lexists(dst):
+        return
+    if directory != os.path.isdir(dst):
+        kind = "a directory" if os.path.isdir(dst) else "a file"
+        raise CheckpointExistsError(
+            f"{dst}: exists and is {kind}, which this conversion cannot replace; choose a new DST"
+        )
+    if directory and not os.listdir(dst):
+        return
+    if not overwrite:
+        what = "is not empty" if directory else "exists"
+        raise CheckpointExistsError(
+            f"{dst}: {what}; choose a new DST or pass --overwrite to replace it"
+            + (" (its weights only: other files such as config.json are kept)" if directory else "")
+        )
+
+
+@contextlib.contextmanager
+def _space_errors(dst: str, stage: str) -> Iterator[None]:
+    """Report a full device as the destination's lack of space, whichever layer noticed it."""
+
+    def full() -> StorageFullError:
+        return StorageFullError(
+            f"{dst}: no space left on the device while writing the converted checkpoint. Nothing at {dst} was "
+            "changed and the partial output was removed; free space there (or choose another DST) and run again."
+        )
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise full() from err
+        raise
+    except StorageFullError as err:
+        raise full() from err
+    except RuntimeError as err:  # torch.save reports a failed write as RuntimeError, without the errno
+        if "write" in str(err).lower() and _no_space(stage):
+            raise full() from err
+        raise
+
+
+def _no_space(path: str) -> bool:
+    try:
+        st = os.statvfs(path if os.path.isdir(path) else os.path.dirname(path))
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+def _unwrap(err: CheckpointException) -> BaseException:
+    """The first dcpio error inside torch's wrapper (the writer's or the source's), else the wrapper itself."""
+    for failure in err.failures.values():
+        found = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(found, (CheckpointError, OSError)):
+            return found
+    return CheckpointError(str(err).splitlines()[0] if str(err) else "the save of the conversion failed")
+
+
+# -------------------------------------------------------------------------------------------------- writers
+def _to_hf(
+    src: Source,
+    selected: list[tuple[Entry, str]],
+    dst: str,
+    max_shard_size: int,
+    progress: ProgressFn | None,
+    res: ConvertResult,
+) -> None:
+    from dcpio.formats.hf import INDEX_NAME, digests_metadata, tensor_digest
     from dcpio.formats.safetensors import write_file
     from dcpio.movers import FileSystem
 
+    tensors = [(e, new) for e, new in selected if e.kind == "tensor"]
+    res.skipped = [e.name for e, _ in selected if e.kind != "tensor"]
+    # plan the shards from the metadata first, so file names can carry the final count (model-00001-of-00003)
+    shards: list[list[tuple[Entry, str]]] = []
+    size = 0
+    for e, new in tensors:
+        if not shards or (size > 0 and size + e.nbytes > max_shard_size):
+            shards.append([])
+            size = 0
+        shards[-1].append((e, new))
+        size += e.nbytes
+    total = sum(e.nbytes for e, _ in tensors)
     fs = FileSystem()
     weight_map: dict[str, str] = {}
-    done = 0
-    n = len(shards)
     for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-        batch: dict[str, torch.Tensor] = {}
-        for e in shard:
-            batch[e.name] = src.load(e.name).contiguous()
-            weight_map[e.name] = fname
-        # written atomically (tmp + rename) and fsynced by the HF engineer's streaming writer
-        write_file(fs, os.path.join(dst, fname), batch, metadata={"format": "pt"})
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        batch = {new: src.load(e.name).contiguous() for e, new in shard}
+        weight_map.update(dict.fromkeys(batch, fname))
+        meta = {"format": "pt", **digests_metadata({k: tensor_digest(t) for k, t in batch.items()})}
+        write_file(fs, os.path.join(dst, fname), batch, metadata=meta, atomic=False)
         res.files.append(fname)
         res.tensors += len(batch)
-        shard_bytes = sum(t.numel() * t.element_size() for t in batch.values())
-        res.bytes += shard_bytes
-        done += shard_bytes
+        res.bytes += sum(t.numel() * t.element_size() for t in batch.values())
         del batch
         if progress is not None:
-            progress("convert", done, total)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
-        json.dump(index, f, indent=2, sort_keys=True)
+            progress("convert", res.bytes, total)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(dst, INDEX_NAME), "x") as f:
+        json.dump(index, f, indent=2)
         f.write("\n")
-    res.files.append("model.safetensors.index.json")
+    res.files.append(INDEX_NAME)
 
 
-def _make_writer(dst: str, opts: Mapping[str, Any]) -> Any:
+class _SourcePlanner(DefaultSavePlanner):
+    """torch's default save planner over a state dict of placeholder tensors: each tensor's data is read from the
+    source only when the writer asks for it, so memory holds a few tensors, not the checkpoint."""
+
+    def __init__(self, src: Source, names: Mapping[str, str], progress: ProgressFn | None, total: int) -> None:
+        super().__init__()
+        self._src, self._names, self._progress, self._total, self._done = src, names, progress, total, 0
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        name = self._names.get(index.fqn)
+        if name is None:
+            return super().lookup_object(index)
+        value = self._src.load(name)
+        self._done += value.numel() * value.element_size()
+        if self._progress is not None:
+            self._progress("convert", self._done, self._total)
+        return value
+
+
+def _make_writer(dst: str, opts: Mapping[str, Any], fmt: str | None, compress: str | None) -> Any:
     import dcpio
 
+    kw: dict[str, Any] = {}
+    if fmt is not None:
+        kw["serialization_format"] = fmt
+    if compress is not None:
+        kw["_extensions"] = [dcpio.ZStandard()]
     if is_url(dst):
-        writer_cls = getattr(dcpio, "FsspecWriter", None)
-        if writer_cls is None:
-            raise CheckpointError(f"{dst}: this dcpio build has no fsspec writer (dcpio.FsspecWriter)")
-        return writer_cls(dst, **opts)
-    writer_cls = getattr(dcpio, "FileSystemWriter", None)
-    if writer_cls is None:  # the core has not landed in this checkout: fall back to torch's writer
-        from torch.distributed.checkpoint import FileSystemWriter
-
-        return FileSystemWriter(dst)
-    return writer_cls(dst)
+        return dcpio.FsspecWriter(dst, **kw, **opts)
+    return dcpio.FileSystemWriter(dst, **kw)
 
 
-def _to_dcp(src: Source, dst: str, progress: ProgressFn | None, res: ConvertResult, opts: Mapping[str, Any]) -> None:
+def _to_dcp(
+    src: Source,
+    selected: list[tuple[Entry, str]],
+    dst: str,
+    progress: ProgressFn | None,
+    res: ConvertResult,
+    writer: Any,
+) -> None:
     import torch.distributed.checkpoint as dcp
 
-    state: dict[str, Any]
-    if isinstance(src, HfSource):
-        state = {e.name: src.load_mmap(e.name) for e in src.entries()}
-    elif isinstance(src, TorchFileSource):
-        if not isinstance(src.obj, dict):
-            raise CheckpointError(f"{src.path}: holds a {type(src.obj).__name__}, not a dict; DCP saves dicts only")
-        state = src.obj
-    else:
-        raise ValueError(f"{src.path}: is already a DCP checkpoint; convert it --to hf or --to torch (or copy it)")
-    entries = src.entries()
-    total = sum(e.nbytes for e in entries)
-    if progress is not None:
-        progress("convert", 0, total)
+    values: list[tuple[tuple[Any, ...], Any]] = []
+    names: dict[str, str] = {}
+    for e, new in selected:
+        path = src.object_path(e.name) if new == e.name else (new,)
+        if e.kind == "tensor":
+            values.append((path, torch.empty(e.shape or (), dtype=e.dtype, device="meta")))
+            names[new] = e.name
+        else:
+            try:
+                values.append((path, src.load(e.name)))
+            except CheckpointError:
+                res.skipped.append(e.name)
+    total = sum(e.nbytes for e, _ in selected)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: saving in a single process" is what we want
-        dcp.save(state, storage_writer=_make_writer(dst, opts), no_dist=True)
-    res.tensors = sum(1 for e in entries if e.kind == "tensor")
+        try:
+            dcp.save(
+                _nest(values, src.path),
+                storage_writer=writer,
+                planner=_SourcePlanner(src, names, progress, total),
+                no_dist=True,
+            )
+        except CheckpointException as err:
+            raise _unwrap(err) from err
+    res.tensors = len(names)
     res.bytes = total
     res.files = sorted(os.listdir(dst)) if not is_url(dst) else []
-    if progress is not None:
-        progress("convert", total, total)
 
 
-def _nest(paths: list[tuple[tuple[Any, ...], Any]]) -> Any:
-    """Rebuild the nested dicts and lists a DCP state dict was flattened from (its planner's path mapping)."""
+_MAX_DEPTH = 64  # nesting of a saved state dict; a deeper path is damaged metadata, and would overflow torch.save
+
+
+class _Leaf:
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _nest(paths: list[tuple[tuple[Any, ...], Any]], where: str) -> Any:
+    """Rebuild the nested dicts and lists a DCP state dict was flattened from (its planner's path mapping).
+
+    A node becomes a list only when its keys are exactly ``0..n-1``; any other keys stay a dict. So the result
+    holds what the checkpoint holds and no more, whatever indices its (untrusted) mapping gives.
+    """
     root: dict[Any, Any] = {}
     for path, value in paths:
-        node: Any = root
-        for depth, key in enumerate(path):
-            last = depth == len(path) - 1
-            nxt_is_index = not last and isinstance(path[depth + 1], int)
-            if isinstance(node, list):
-                while len(node) <= key:
-                    node.append(None)
-                if last:
-                    node[key] = value
-                else:
-                    if node[key] is None:
-                        node[key] = [] if nxt_is_index else {}
-                    node = node[key]
-            else:
-                if last:
-                    node[key] = value
-                else:
-                    if key not in node:
-                        node[key] = [] if nxt_is_index else {}
-                    node = node[key]
-    return root
+        if not path or len(path) > _MAX_DEPTH:
+            raise CorruptCheckpointError(
+                f"{where}: a state-dict path of depth {len(path)} in the metadata; it is damaged"
+            )
+        node = root
+        for key in path[:-1]:
+            child = node.setdefault(key, {})
+            if isinstance(child, _Leaf):
+                raise CorruptCheckpointError(f"{where}: the metadata places a value both at and under {path[:-1]!r}")
+            node = child
+        if path[-1] in node:
+            raise CorruptCheckpointError(f"{where}: the metadata places two values at {path!r}; it is damaged")
+        node[path[-1]] = _Leaf(value)
+    return _finish(root)
 
 
-def _to_torch(src: Source, dst: str, progress: ProgressFn | None, res: ConvertResult) -> None:
+def _finish(node: Any) -> Any:
+    if isinstance(node, _Leaf):
+        return node.value
+    out = {k: _finish(v) for k, v in node.items()}
+    keys = list(out)
+    if keys and all(type(k) is int for k in keys) and sorted(keys) == list(range(len(keys))):
+        return [out[i] for i in range(len(keys))]
+    return out
+
+
+def _to_torch(
+    src: Source, selected: list[tuple[Entry, str]], dst: str, progress: ProgressFn | None, res: ConvertResult
+) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.serialization import skip_data
 
-    entries = src.entries()
     values: list[tuple[tuple[Any, ...], Any]] = []
     tensor_names: dict[tuple[Any, ...], str] = {}
     # the skeleton: tensors without data (fake ones: no memory) and the small non-tensor values themselves
     with FakeTensorMode():
-        fakes = {e.name: torch.empty(e.shape or (), dtype=e.dtype) for e in entries if e.kind == "tensor"}
-    for e in entries:
-        path = src.object_path(e.name) if isinstance(src, DcpSource) else (e.name,)
+        fakes = {e.name: torch.empty(e.shape or (), dtype=e.dtype) for e, _ in selected if e.kind == "tensor"}
+    for e, new in selected:
+        path = src.object_path(e.name) if new == e.name else (new,)
         if e.kind == "tensor":
             values.append((path, fakes[e.name]))
             tensor_names[path] = e.name
@@ -235,36 +546,35 @@ def _to_torch(src: Source, dst: str, progress: ProgressFn | None, res: ConvertRe
                 values.append((path, src.load(e.name)))
             except CheckpointError:
                 res.skipped.append(e.name)
-    skeleton = _nest(values)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp")
+    skeleton = _nest(values, src.path)
     with skip_data(materialize_fake_tensors=True):
-        torch.save(skeleton, tmp)
+        torch.save(skeleton, dst)
     del skeleton, fakes
+    # reserve the file's blocks now: a full disk is then an error here, not a SIGBUS while filling the mapping
+    with open(dst, "rb+") as f:
+        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
     # map the file shared: what we copy into a tensor lands in the file; pages are written back and dropped
     with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
-        mapped = torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
-    total = sum(e.nbytes for e in entries)
-    done = 0
+        mapped = torch.load(dst, map_location="cpu", weights_only=True, mmap=True)
+    total = sum(e.nbytes for e, _ in selected)
     for path, name in tensor_names.items():
         node: Any = mapped
         for key in path:
             node = node[key]
-        if isinstance(src, DcpSource):
-            src.load_into(name, node)
+        load_into = getattr(src, "load_into", None)
+        if load_into is not None:
+            load_into(name, node)
         else:
             node.copy_(src.load(name))
         res.tensors += 1
-        done += node.numel() * node.element_size()
+        res.bytes += node.numel() * node.element_size()
         if progress is not None:
-            progress("convert", done, total)
-    res.bytes = done
-    del mapped, node
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
+            progress("convert", res.bytes, total)
+    del mapped
     res.files = [os.path.basename(dst)]
 
 
+# ------------------------------------------------------------------------------------------------------ convert
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -273,6 +583,13 @@ def convert(
     overwrite: bool = False,
     progress: ProgressFn | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    *,
+    only: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    strip_prefix: Sequence[str] = (),
+    rename: Sequence[str] | Mapping[str, str] | None = None,
+    serialization_format: str | None = None,
+    compress: str | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint at ``src`` into format ``to`` at ``dst``.
 
@@ -283,49 +600,81 @@ def convert(
             (written with :class:`dcpio.FileSystemWriter`), or ``"torch"`` (one ``torch.save`` file).
         max_shard_size: largest shard for ``hf`` (bytes or a string like ``"5GB"``); one tensor larger than
             it gets a shard of its own.
-        overwrite: replace an existing non-empty ``dst``.
+        overwrite: replace an existing non-empty ``dst`` (only what the output format owns: other files in a
+            destination directory, such as ``config.json``, are kept).
         progress: optional ``progress(description, completed_bytes, total_bytes)`` callback.
         storage_options: fsspec options for a URL source or a URL destination (``--to dcp``).
+        only: keep only entries whose name starts with one of these prefixes.
+        exclude: leave out entries whose name starts with one of these prefixes.
+        strip_prefix: remove the first of these prefixes from each name that starts with it.
+        rename: ``OLD=NEW`` prefix replacements (or a mapping), applied after ``strip_prefix``.
+        serialization_format: for ``dcp``: ``"torch_save"`` (default) or ``"safetensors"``.
+        compress: for ``dcp``: ``"zstd"`` compresses every item (``ZStandard``).
 
     Returns:
         A :class:`ConvertResult`.
 
     Raises:
         dcpio.CheckpointExistsError: ``dst`` exists and ``overwrite`` is False.
+        dcpio.StorageFullError: the destination's device ran out of space (nothing at ``dst`` changed).
         dcpio.CheckpointError: the source cannot be read or converted (e.g. a torch file holding no dict).
-        ValueError: an unknown ``to``, an unreadable ``max_shard_size``, or a pointless conversion (DCP to DCP,
-            same format, same path).
+        ValueError: an unknown ``to``, an unreadable ``max_shard_size``, a selection that keeps nothing, or a
+            destination that is, contains or lies inside the source.
+
+    Example::
+
+        from dcpio.tools import convert
+        convert("ckpt/step-100", "export/", to="hf", only=["model."], strip_prefix=["model."], overwrite=True)
     """
     to = to.lower()
     if to not in ("hf", "dcp", "torch"):
         raise ValueError(f"--to must be hf, dcp or torch, not {to!r}")
+    if (serialization_format is not None or compress is not None) and to != "dcp":
+        raise ValueError("--format and --compress apply to --to dcp only")
+    if compress not in (None, "zstd"):
+        raise ValueError(f"--compress supports zstd only, not {compress!r}")
     limit = parse_size(max_shard_size)
+    selection = Selection(tuple(only), tuple(exclude), tuple(strip_prefix), parse_rename(rename))
     src_s, dst_s = str(src), str(dst)
     found = detect(src_s)
-    if found.kind == to and to != "dcp":
-        raise ValueError(f"{src_s} is already in {to} format; nothing to convert")
-    if os.path.abspath(src_s) == os.path.abspath(dst_s) and not is_url(src_s):
-        raise ValueError(f"{src_s}: source and destination are the same; choose another DST")
-    source: Source
-    if found.kind == "dcp":
-        source = DcpSource(found.path, storage_options)
-    elif found.kind == "hf":
-        source = HfSource(found.path)
-    else:
-        source = TorchFileSource(found.path)
+    if found.kind == to == "torch":
+        raise ValueError(f"{src_s} is already a torch.save file; nothing to convert")
+    _check_paths(found.path, dst_s)
+    _check_destination(dst_s, to != "torch", overwrite)
+    source = open_source(found.path, storage_options)
     res = ConvertResult(src=src_s, dst=dst_s, to=to)
     try:
-        if to == "torch":
-            if os.path.exists(dst_s) and not overwrite:
-                raise CheckpointExistsError(f"{dst_s}: exists; choose a new DST or pass --overwrite to replace it")
-            _to_torch(source, dst_s, progress, res)
-        elif to == "hf":
-            _prepare_dir(dst_s, overwrite)
-            _to_hf(source, dst_s, limit, progress, res)
+        selected = selection.apply(source.entries(), src_s)
+        if is_url(dst_s):
+            writer = _make_writer(dst_s, dict(storage_options or {}), serialization_format, compress)
+            _to_dcp(source, selected, dst_s, progress, res, writer)
         else:
-            if not is_url(dst_s):
-                _prepare_dir(dst_s, overwrite)
-            _to_dcp(source, dst_s, progress, res, dict(storage_options or {}))
+            _write_staged(source, selected, dst_s, to, limit, progress, res, (serialization_format, compress))
     finally:
         source.close()
     return res
+
+
+def _write_staged(
+    source: Source,
+    selected: list[tuple[Entry, str]],
+    dst: str,
+    to: str,
+    limit: int,
+    progress: ProgressFn | None,
+    res: ConvertResult,
+    dcp_opts: tuple[str | None, str | None],
+) -> None:
+    stage = _StagedOutput(dst, directory=to != "torch", owns=_OWNS.get(to))
+    try:
+        with _space_errors(dst, stage.root):
+            if to == "torch":
+                _to_torch(source, selected, stage.path, progress, res)
+            elif to == "hf":
+                _to_hf(source, selected, stage.path, limit, progress, res)
+            else:
+                _to_dcp(source, selected, stage.path, progress, res, _make_writer(stage.path, {}, *dcp_opts))
+            stage.commit()
+    except BaseException:
+        stage.abort()
+        raise

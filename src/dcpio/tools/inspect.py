@@ -161,25 +161,27 @@ def _inspect_dcp(src: DcpSource) -> CheckpointSummary:
 
 
 def _inspect_hf(src: HfSource) -> CheckpointSummary:
-    base = src.path if os.path.isdir(src.path) else os.path.dirname(src.path)
-    files = [os.path.relpath(f, base) for f in src.files]
-    total = sum(os.path.getsize(f) for f in src.files)
-    index = os.path.join(base, "model.safetensors.index.json")
+    files = src.files
+    total = 0
+    for f in files:
+        total += os.path.getsize(os.path.join(src.folder, f))
+    index = os.path.join(src.folder, "model.safetensors.index.json")
     if os.path.isdir(src.path) and os.path.exists(index):
         total += os.path.getsize(index)
-    writers = {str((h.metadata or {}).get("format", "")) for h in src.headers.values()}
+    writers = {str(meta.get("format", "")) for meta in src.header_metadata.values()}
     items = []
     for entry in src.entries():
+        md = src.metadata.state_dict_metadata[entry.name]
         items.append(
             ItemSummary(
                 name=entry.name,
                 kind="tensor",
                 dtype=dtype_name(entry.dtype) if entry.dtype is not None else None,
                 shape=list(entry.shape) if entry.shape is not None else None,
-                chunks=1,
+                chunks=len(md.chunks) if isinstance(md, TensorStorageMetadata) else 1,
                 nbytes=entry.nbytes,
                 stored_bytes=src.stored_bytes(entry.name),
-                files=[os.path.relpath(src.file_of(entry.name), base)],
+                files=src.files_of(entry.name),
             )
         )
     return CheckpointSummary(
@@ -190,6 +192,7 @@ def _inspect_hf(src: HfSource) -> CheckpointSummary:
         files=files,
         total_bytes=total,
         items=items,
+        checksummed=src.checksummed,
     )
 
 

@@ -253,34 +253,83 @@ def _tiled(chunk: torch.Tensor) -> bool:
     return chunk.dim() >= 2 and chunk.device.type == "cpu"
 
 
-def _verify_hf(path: str, report: VerifyReport, progress: ProgressFn | None) -> None:
-    # one file at a time, so a broken header costs that file only and every other file is still read
-    base = path if os.path.isdir(path) else os.path.dirname(path)
-    files = (
-        sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-        if os.path.isdir(path)
-        else [path]
-    )
-    total = sum(os.path.getsize(f) for f in files)
-    done = 0
-    for file in files:
-        rel = os.path.relpath(file, base)
-        try:
-            src = HfSource(file)
-        except (CheckpointError, OSError) as err:
-            report.problems.append(Problem(_classify(err), rel, None, _first_line(err)))
-            done += os.path.getsize(file)
-            continue
-        for entry in src.entries():
+def _hf_listing(path: str, report: VerifyReport) -> tuple[str, list[str], dict[str, str] | None] | None:
+    """The folder, the data files to read (the index's when there is one) and the weight map; None after reporting
+    an index that cannot be read."""
+    from dcpio.formats.hf import list_files
+    from dcpio.movers import FileSystem
+
+    if not os.path.isdir(path):
+        return os.path.dirname(path) or ".", [os.path.basename(path)], None
+    try:
+        names, weight_map = list_files(FileSystem(), path)
+    except CheckpointError as err:
+        report.problems.append(Problem("metadata", "model.safetensors.index.json", None, _first_line(err)))
+        return None
+    if weight_map is not None:
+        listed = set(names)
+        report.unreferenced = sorted(
+            n for n in os.listdir(path) if n.endswith(".safetensors") and n not in listed and not n.startswith(".")
+        )
+    return path, names, weight_map
+
+
+def _verify_hf_file(folder: str, rel: str, report: VerifyReport, bad_files: set[str]) -> bool:
+    """Read every chunk of one data file through the reader (checksums verified); False when it has no checksums."""
+    try:
+        src = HfSource(folder, only_files=[rel])
+    except (CheckpointError, OSError) as err:
+        report.problems.append(Problem(_classify(err), rel, None, _first_line(err)))
+        bad_files.add(rel)
+        return False
+    for entry in src.entries():
+        md = src.metadata.state_dict_metadata[entry.name]
+        for chunk in md.chunks if isinstance(md, TensorStorageMetadata) else []:
             try:
-                t = src.load(entry.name)
+                t = src.load_chunk(entry.name, chunk)
                 report.bytes_read += t.numel() * t.element_size()
             except Exception as err:  # every failure of one tensor is reported and the scan goes on
                 report.problems.append(Problem(_classify(err), rel, entry.name, _first_line(err)))
-            report.items_checked += 1
-        done += os.path.getsize(file)
+                bad_files.add(rel)
+        report.items_checked += 1
+    return src.checksummed
+
+
+def _verify_hf(path: str, report: VerifyReport, progress: ProgressFn | None) -> None:
+    # one file at a time through the reader, so a broken header costs that file only and every other file is read;
+    # then the folder as a whole, as a load sees it (index against files, sharded tensors tiled)
+    listing = _hf_listing(path, report)
+    if listing is None:
+        return
+    folder, names, weight_map = listing
+    present = [n for n in names if os.path.exists(os.path.join(folder, n))]
+    for n in names:
+        if n not in present:
+            held = sorted(k for k, f in (weight_map or {}).items() if f == n)
+            report.problems.append(
+                Problem(
+                    "missing-file",
+                    n,
+                    None,
+                    f"{n} is missing: model.safetensors.index.json lists it for {len(held)} tensors "
+                    f"({', '.join(held[:5])}{' ...' if len(held) > 5 else ''}). Fetch or restore it.",
+                )
+            )
+    total = sum(os.path.getsize(os.path.join(folder, n)) for n in present)
+    done = 0
+    bad_files: set[str] = set()
+    checksummed = bool(present)
+    for rel in present:
+        checksummed = _verify_hf_file(folder, rel, report, bad_files) and checksummed
+        done += os.path.getsize(os.path.join(folder, rel))
         if progress is not None:
             progress("verify", done, total)
+    report.checksummed = checksummed and not bad_files
+    if not report.problems and os.path.isdir(path):
+        try:
+            HfSource(path)
+        except CheckpointError as err:
+            report.problems.append(Problem("metadata", None, None, _first_line(err)))
 
 
 def _verify_torch(path: str, report: VerifyReport, progress: ProgressFn | None) -> None:
