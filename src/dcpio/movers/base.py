@@ -189,12 +189,15 @@ class FileSystemBase(_TorchFileSystemBase):
     Capability flags tell the I/O engine what the store can do well:
 
     * ``supports_parallel_reads``: several threads may read ranges of one file at once.
-    * ``supports_atomic_rename``: ``rename`` replaces the target atomically (POSIX). Object stores commit by
-      writing the metadata object last instead; see :mod:`dcpio.integrity.commit`.
+    * ``supports_atomic_rename``: ``rename`` replaces the target atomically (POSIX). Read by
+      :func:`dcpio.commit.strategy_for`: object stores commit by writing the metadata object last instead.
+    * ``supports_exclusive_create``: :meth:`open_writer` refuses a name that exists (``O_EXCL | O_NOFOLLOW``)
+      instead of writing through it; where False, the commit module checks and clears the name first.
     """
 
     supports_parallel_reads: bool = True
     supports_atomic_rename: bool = True
+    supports_exclusive_create: bool = False
 
     @contextmanager
     @abstractmethod
@@ -205,7 +208,8 @@ class FileSystemBase(_TorchFileSystemBase):
         """Full paths of the entries directly under ``path``."""
 
     def open_writer(self, path: PathLike) -> WriteHandle:
-        """Create (or truncate) ``path`` for appending."""
+        """Create ``path`` for appending: a new file (``FileExistsError`` if the name is taken) where the mover has
+        ``supports_exclusive_create``, else created or truncated."""
         cm = self.create_stream(path, "wb")
         stream = cm.__enter__()
         return StreamWriteHandle(str(path), cast(IO[bytes], stream), closer=cm)
@@ -231,21 +235,31 @@ class FileSystemBase(_TorchFileSystemBase):
             handle.close()
 
     def write_file_atomic(self, path: PathLike, data: bytes, sync: bool) -> None:
-        """Publish ``data`` at ``path`` all at once: readers see the old content or the new, never a mix."""
-        tmp = f"{path}.tmp"
-        handle = self.open_writer(tmp)
+        """Publish ``data`` at ``path`` all at once through the commit module (:func:`dcpio.commit.publish_bytes`)."""
+        from dcpio.commit import publish_bytes  # the commit module builds on this one
+
+        publish_bytes(self, str(path), data, sync)
+
+    def put_bytes(self, path: PathLike, data: bytes) -> None:
+        """Store ``data`` as the whole of ``path`` in one operation (the put-last commit's primitive)."""
+        handle = self.open_writer(path)
         try:
             handle.write([memoryview(data)])
-            if sync:
-                handle.sync()
             handle.close()
         except BaseException:
             handle.abort()
-            self.remove_quietly(tmp)
             raise
-        self.replace(tmp, path)
-        if sync:
-            self.sync_dir(os.path.dirname(str(path)))
+
+    def create_new_bytes(self, path: PathLike, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` if no entry has that name; False if one does (used for lock files).
+
+        Atomic where the mover has ``supports_exclusive_create`` or overrides this (a conditional PUT); elsewhere a
+        check then a write, which two writers can still race through.
+        """
+        if self.exists(path):
+            return False
+        self.put_bytes(path, data)
+        return True
 
     def replace(self, path: PathLike, new_path: PathLike) -> None:
         """Rename ``path`` over ``new_path``, replacing it."""
