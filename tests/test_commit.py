@@ -5,6 +5,7 @@ Every test writes real files (and, for concurrency, runs a real second process);
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -12,6 +13,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -339,3 +342,55 @@ def test_torch_filesystem_assigned_to_writer_fs_and_reader_fs(tmp_path: Path) ->
 
 def test_blocked_saver_script_is_valid_python() -> None:
     compile(textwrap.dedent(_BLOCKED_SAVER), "saver", "exec")
+
+
+# ------------------------------------------------------------------------------------------ full disks
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs under ``tmp_path`` (skipped where mounting is not allowed); always unmounted."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_hf_export_on_a_full_disk_names_the_file_and_leaves_no_partial_file(small_tmpfs: Path) -> None:
+    out = small_tmpfs / "hf"
+    small = {"w": torch.ones(1024)}
+    dcp.save(small, storage_writer=dcpio.HuggingFaceStorageWriter(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    big = {"w": torch.ones(1024), "big": torch.ones(2 << 20)}  # 8 MiB: more than the disk holds
+    with pytest.raises(BaseException) as info:
+        dcp.save(big, storage_writer=dcpio.HuggingFaceStorageWriter(out))
+    full = [e for e in exception_chain(info.value) if isinstance(e, dcpio.StorageFullError)]
+    assert full, [f"{type(e).__name__}: {e}" for e in exception_chain(info.value)]
+    assert str(out / "model-00001-of-00001.safetensors") in str(full[0]) and "no space" in str(full[0]).lower()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "a partial file or a changed file was left"
+
+
+def test_stream_backend_on_a_full_device_reports_storage_full(tmp_path: Path) -> None:
+    from test_mover_conformance import StreamOnlyFileSystem
+
+    class DevFull(StreamOnlyFileSystem):
+        """Data files go to /dev/full: every write fails with ENOSPC, as on a full disk."""
+
+        @contextmanager
+        def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[io.IOBase]:
+            target = "/dev/full" if str(path).endswith(".distcp") and "w" in mode else path
+            with open(target, mode) as stream:
+                yield stream
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    writer = dcpio.FileSystemWriter(tmp_path / "ck")
+    writer.fs = DevFull()
+    with pytest.raises(BaseException) as info:
+        dcp.save({"w": torch.ones(1 << 16)}, storage_writer=writer)
+    full = [e for e in exception_chain(info.value) if isinstance(e, dcpio.StorageFullError)]
+    assert full and str(tmp_path / "ck" / "__0_0.distcp") in str(full[0]), [str(e) for e in exception_chain(info.value)]
+    assert not (tmp_path / "ck" / ".metadata").exists()

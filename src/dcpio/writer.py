@@ -215,19 +215,26 @@ class _DcpioWriter(StorageWriter):
     def _threads(self) -> int:
         return self.thread_count if self.thread_count is not None else knobs.default_io_threads()
 
-    def _file_name(self, prefix: str, n: int, taken: set[str]) -> str:
+    def _file_name(self, prefix: str, n: int, taken: set[str] | None) -> str:
         name = f"{prefix}{n}{DEFAULT_SUFFIX}"
-        if name in taken:
+        exists = (name in taken) if taken is not None else self.fs.exists(self.fs.concat_path(self.path, name))
+        if exists:
             # the name belongs to an earlier save (perhaps the committed one): never write over it
             name = f"{prefix}{n}.{self.save_id.replace('-', '')[:8]}{DEFAULT_SUFFIX}"
         return name
 
     def _existing_names(self) -> set[str]:
+        return self._listing() or set()
+
+    def _listing(self) -> set[str] | None:
+        """Names in the checkpoint directory; None where the backend cannot list (checked file by file then)."""
         # one listing per save instead of an existence check per file (two requests each on S3)
         try:
             return {str(p).rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path)}
-        except (FileNotFoundError, NotImplementedError):
+        except FileNotFoundError:
             return set()
+        except NotImplementedError:
+            return None
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix_obj = plan.storage_data
@@ -241,7 +248,7 @@ class _DcpioWriter(StorageWriter):
             files = max(1, min(threads, rank_bytes // knobs.min_bytes_per_file()))
         groups = _buckets(plan.items, files) if self.single_file_per_rank else [[it] for it in plan.items]
         jobs = []
-        taken = self._existing_names()
+        taken = self._listing()
         for n, items in enumerate(groups):
             name = self._file_name(prefix, n, taken)
             jobs.append(FileJob(name, str(self.fs.concat_path(self.path, name)), tuple(items)))
@@ -326,7 +333,9 @@ class _DcpioWriter(StorageWriter):
         """After the commit: delete data files no longer named by the committed metadata (ours and torch's)."""
         try:
             entries = self.fs.ls(self.path)
-        except (OSError, NotImplementedError, CheckpointError) as err:
+        except NotImplementedError:
+            return  # a backend that cannot list (torch's interface has no ls): older files stay, as with torch
+        except (OSError, CheckpointError) as err:
             # the new checkpoint is committed; leftover files cost space, not correctness
             warnings.warn(f"{self.path}: committed, but listing old data files for removal failed: {err}", stacklevel=2)
             return

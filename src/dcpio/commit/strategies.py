@@ -158,12 +158,19 @@ class PutLastCommit(CommitStrategy):
 
     A PUT (or a multipart upload's completion) is atomic: readers see the previous object or the new one. A save
     that dies before it leaves the previous metadata naming the previous objects, which are removed only after.
+    A streamed file goes straight to its key only where the mover has ``supports_atomic_writes``; elsewhere it is
+    staged under ``<final>.tmp`` and copied over ``final`` at the commit.
     """
 
     name = "put-last"
 
     def stage(self, fs: FileSystemBase, final: str) -> StagedFile:
-        return StagedFile(fs, final, final, fs.open_writer(final))
+        if fs.supports_atomic_writes:
+            # an upload becomes the object only when it completes; an aborted one leaves the old object
+            return StagedFile(fs, final, final, fs.open_writer(final))
+        # stores that show a file while it is written (memory://): stage aside, publish by a copy at the commit
+        temp = temp_name(final)
+        return StagedFile(fs, final, temp, create_exclusive(fs, temp))
 
     def publish(self, fs: FileSystemBase, final: str, data: bytes, sync: bool) -> None:
         fs.put_bytes(final, data)

@@ -22,7 +22,7 @@ from typing import IO, Any, cast
 import torch
 from torch.distributed.checkpoint.filesystem import FileSystemBase as _TorchFileSystemBase
 
-from dcpio.errors import CorruptCheckpointError
+from dcpio.errors import CheckpointWriteError, CorruptCheckpointError
 
 __all__ = ["FileSystemBase", "ReadHandle", "StreamReadHandle", "StreamWriteHandle", "WriteHandle"]
 
@@ -105,6 +105,12 @@ def _truncated(path: str, offset: int, want: int, got: int) -> CorruptCheckpoint
     )
 
 
+def _write_error(path: str, err: OSError, what: str = "writing") -> Exception:
+    from dcpio.movers.local import write_error  # local.py builds on this module
+
+    return write_error(path, err, what)
+
+
 class StreamWriteHandle(WriteHandle):
     """A :class:`WriteHandle` over any writable binary stream (the fallback for ``create_stream`` backends)."""
 
@@ -117,8 +123,23 @@ class StreamWriteHandle(WriteHandle):
     def write(self, buffers: Sequence[memoryview]) -> int:
         n = 0
         for b in buffers:
-            self._stream.write(b)
-            n += len(b)
+            view = b.cast("B") if b.format != "B" or b.ndim != 1 else b
+            pos = 0
+            while pos < len(view):
+                # raw streams may take part of a buffer (a short write is legal); None means "all of it" for
+                # streams that do not count
+                try:
+                    done = self._stream.write(view[pos:])
+                except OSError as err:
+                    raise _write_error(self.path, err) from err
+                step = len(view) - pos if done is None else int(done)
+                if step <= 0:
+                    raise CheckpointWriteError(
+                        f"{self.path}: the stream accepted no bytes at byte {self._written + n + pos} (the backend's "
+                        "write returned 0); the store is full or broken. The previous checkpoint is intact."
+                    )
+                pos += step
+            n += len(view)
         self._written += n
         return n
 
@@ -126,7 +147,10 @@ class StreamWriteHandle(WriteHandle):
         return self._written
 
     def sync(self) -> None:
-        self._stream.flush()
+        try:
+            self._stream.flush()
+        except OSError as err:
+            raise _write_error(self.path, err, "flushing the file") from err
         fileno = getattr(self._stream, "fileno", None)
         if fileno is None:
             return
@@ -137,11 +161,14 @@ class StreamWriteHandle(WriteHandle):
             pass
 
     def close(self) -> None:
-        if self._closer is not None:
-            closer, self._closer = self._closer, None
-            closer.__exit__(None, None, None)
-        else:
-            self._stream.close()
+        try:
+            if self._closer is not None:
+                closer, self._closer = self._closer, None
+                closer.__exit__(None, None, None)
+            else:
+                self._stream.close()
+        except OSError as err:  # buffered bytes meet a full disk at the last flush
+            raise _write_error(self.path, err, "closing the file") from err
 
 
 class StreamReadHandle(ReadHandle):
@@ -193,11 +220,14 @@ class FileSystemBase(_TorchFileSystemBase):
       :func:`dcpio.commit.strategy_for`: object stores commit by writing the metadata object last instead.
     * ``supports_exclusive_create``: :meth:`open_writer` refuses a name that exists (``O_EXCL | O_NOFOLLOW``)
       instead of writing through it; where False, the commit module checks and clears the name first.
+    * ``supports_atomic_writes``: a file written through :meth:`open_writer` appears whole at ``close`` and not at
+      all after ``abort`` (an S3 upload). Only then may a put-last commit stream straight to the final name.
     """
 
     supports_parallel_reads: bool = True
     supports_atomic_rename: bool = True
     supports_exclusive_create: bool = False
+    supports_atomic_writes: bool = False
 
     @contextmanager
     @abstractmethod

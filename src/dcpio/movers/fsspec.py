@@ -100,6 +100,8 @@ class FsspecFileSystem(FileSystemBase):
         # exclusively; object stores commit by putting the metadata last
         self.supports_atomic_rename = self.is_local
         self.supports_exclusive_create = self.is_local
+        # an S3 object appears on the upload's completion; other stores (memory://) show a file while it is written
+        self.supports_atomic_writes = is_s3
         self.endpoint = s3.endpoint_of(self._storage_options) if is_s3 else None
         part = knobs.s3_part_size()
         self._part_size = max(part, s3.S3_MIN_PART) if is_s3 else part
@@ -350,8 +352,9 @@ class _StreamWriteHandle(WriteHandle):
         n = 0
         try:
             for b in buffers:
-                self._stream.write(b)
-                n += len(b)
+                view = b.cast("B") if b.format != "B" or b.ndim != 1 else b
+                self._stream.write(view)
+                n += len(view)
         except Exception as err:
             raise self._mover.fail("writing", self.path, err, writing=True) from err
         self._written += n
