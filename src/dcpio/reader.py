@@ -34,10 +34,12 @@ from torch.futures import Future
 
 from dcpio import collectives, knobs, shared_reads
 from dcpio._runtime import end_gc_pause, start_gc_pause
+from dcpio.commit.saves import check_consistent
 from dcpio.engine import IOStats, ReadOptions, read_plan
 from dcpio.errors import CheckpointReadError, CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
 from dcpio.integrity.paths import check_relative_path, check_stays_inside
 from dcpio.integrity.safe_pickle import load_metadata
+from dcpio.movers.adapter import as_mover
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
 from dcpio.transforms import ExtensionRegistry
@@ -90,7 +92,7 @@ class FileSystemReader(StorageReader):
         super().__init__()
         if thread_count is not None and thread_count < 1:
             raise ValueError(f"thread_count must be at least 1 (or None), got {thread_count}")
-        self.fs: FileSystemBase = _fs if _fs is not None else FileSystem()
+        self.fs = _fs if _fs is not None else FileSystem()
         self.path: Any = self.fs.init_path(path)
         self.registry = _extension_registry if _extension_registry is not None else ExtensionRegistry()
         self.verify_checksums = verify_checksums
@@ -106,6 +108,15 @@ class FileSystemReader(StorageReader):
         self.is_coordinator = False
         self.use_collectives = True
         self.stats = IOStats()
+
+    @property
+    def fs(self) -> FileSystemBase:
+        """The byte mover. Any torch ``FileSystemBase`` assigned here is adapted (torch's FsspecReader does this)."""
+        return self._fs
+
+    @fs.setter
+    def fs(self, value: Any) -> None:
+        self._fs = as_mover(value)
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.storage_data = {}
@@ -125,6 +136,7 @@ class FileSystemReader(StorageReader):
         group = self.process_group if rank is None and self._sharing() else None
         data = collectives.read_once(group, functools.partial(self._metadata_bytes, path))
         metadata = load_metadata(data, path)
+        check_consistent(self.fs, self.path, rank, metadata, path)  # ranks of one save; see dcpio.commit.saves
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]

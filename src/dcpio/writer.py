@@ -9,12 +9,17 @@ Call order (driven by ``dcp.save`` / ``dcp.async_save``)::
     -> finish(metadata, results)           coordinator: commit .metadata, then remove superseded files
 
 Commit protocol (why a crash never loses the last good checkpoint): data files of a save never overwrite a file
-that exists; when ``__0_0.distcp`` is taken (by the previous checkpoint), the save uses ``__0_0.<tag>.distcp``
-with a per-save tag. ``.metadata`` is the commit point: written to ``.metadata.tmp``, fsynced, renamed over the old
-one (atomic on POSIX), and the directory fsynced. Only after that are files that the new metadata does not name
-removed. A save killed at any moment leaves either the old metadata (naming only old, untouched files) or the new
-one (naming only new, fully synced files). Object stores have no atomic rename; there a single PUT of the metadata
-object is the commit point (see :mod:`dcpio.movers.fsspec`).
+that exists (they are created exclusively); when ``__0_0.distcp`` is taken (by the previous checkpoint), the save
+uses ``__0_0.<tag>.distcp`` with a per-save tag. ``.metadata`` is the commit point, published through
+:mod:`dcpio.commit` (``.metadata.tmp`` + fsync + rename + directory fsync on disks, one PUT on object stores).
+Only after that are files that the new metadata does not name removed. A save killed at any moment leaves either
+the old metadata (naming only old, untouched files) or the new one (naming only new, fully synced files).
+
+Concurrent saves: the coordinator (each rank, for a per-rank save) holds :class:`dcpio.commit.SaveLock` from
+``prepare_local_plan`` to the end of ``finish``, so a second save into the same directory fails at its start with
+:class:`dcpio.commit.SaveConflictError`. Every save records a generation (:mod:`dcpio.commit.saves`): a per-rank
+save never removes the global ``.metadata`` or a file it names, and a load over ranks that committed different
+saves is refused.
 """
 
 from __future__ import annotations
@@ -41,9 +46,13 @@ from torch.futures import Future
 from dcpio import knobs
 from dcpio._runtime import end_gc_pause, start_gc_pause
 from dcpio.collectives import DecidedPrefix
+from dcpio.commit import SaveLock, publish_bytes
+from dcpio.commit.saves import next_generation, per_rank_metadata, record_generation
 from dcpio.engine import FileJob, IOStats, WriteOptions, write_files
 from dcpio.engine.save import write_stats
 from dcpio.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
+from dcpio.integrity.safe_pickle import load_metadata
+from dcpio.movers.adapter import as_mover
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
 from dcpio.staging import DcpioStager, take_prewritten
@@ -128,7 +137,7 @@ class _DcpioWriter(StorageWriter):
         super().__init__()
         if thread_count is not None and thread_count < 1:
             raise ValueError(f"thread_count must be at least 1 (or None to choose automatically), got {thread_count}")
-        self.fs: FileSystemBase = _fs if _fs is not None else FileSystem()
+        self.fs = _fs if _fs is not None else FileSystem()
         self.path: Any = self.fs.init_path(path)
         self.single_file_per_rank = single_file_per_rank
         self.sync_files = sync_files
@@ -142,6 +151,17 @@ class _DcpioWriter(StorageWriter):
         self.is_coordinator = False
         self.use_collectives = True
         self.stats = IOStats()  # what the last save's write_data did (see dcpio.IOStats)
+        self._lock: SaveLock | None = None
+        self._generation: int | None = None
+
+    @property
+    def fs(self) -> FileSystemBase:
+        """The byte mover. Any torch ``FileSystemBase`` assigned here is adapted (torch's FsspecWriter does this)."""
+        return self._fs
+
+    @fs.setter
+    def fs(self, value: Any) -> None:
+        self._fs = as_mover(value)
 
     # ------------------------------------------------------------------ protocol
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -166,8 +186,26 @@ class _DcpioWriter(StorageWriter):
             self._metadata_path()
         )
 
+    def _per_rank(self) -> bool:
+        return not self.use_collectives and self.rank is not None
+
+    def _take_lock(self) -> None:
+        """Coordinator (or each rank of a per-rank save): lock the directory and pick this save's generation."""
+        self._generation = None
+        if not (self.is_coordinator or self._per_rank()):
+            return
+        self._lock = SaveLock(self.fs, self.path, self.save_id, self.rank if self._per_rank() else None)
+        self._lock.acquire()
+        self._generation = next_generation(self.fs, self.path, self.rank if self._per_rank() else None)
+
+    def _release_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         self.fs.mkdir(self.path)
+        self._take_lock()
         if self.rank is not None and not self.use_collectives:
             plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{self.rank}_"))
         start_gc_pause(self)  # through torch's global planning to this rank's last write; see GcPause
@@ -177,6 +215,7 @@ class _DcpioWriter(StorageWriter):
         # what exists is looked at once, here on the coordinator, and handed to every rank with its plan: ranks on a
         # shared file system with cached attributes could disagree, and N ranks listing one directory load its server
         if not self.overwrite and self._committed():
+            self._release_lock()
             raise CheckpointExistsError(
                 f"{self.path}: a checkpoint already exists here and the writer has overwrite=False. It was left "
                 "untouched; save to a new directory, or pass overwrite=True to replace it."
@@ -190,19 +229,26 @@ class _DcpioWriter(StorageWriter):
     def _threads(self) -> int:
         return self.thread_count if self.thread_count is not None else knobs.default_io_threads()
 
-    def _file_name(self, prefix: str, n: int, taken: Set[str]) -> str:
+    def _file_name(self, prefix: str, n: int, taken: Set[str] | None) -> str:
         name = f"{prefix}{n}{DEFAULT_SUFFIX}"
-        if name in taken:
+        exists = (name in taken) if taken is not None else self.fs.exists(self.fs.concat_path(self.path, name))
+        if exists:
             # the name belongs to an earlier save (perhaps the committed one): never write over it
             name = f"{prefix}{n}.{self.save_id.replace('-', '')[:8]}{DEFAULT_SUFFIX}"
         return name
 
     def _existing_names(self) -> set[str]:
+        return self._listing() or set()
+
+    def _listing(self) -> set[str] | None:
+        """Names in the checkpoint directory; None where the backend cannot list (checked file by file then)."""
         # one listing per save instead of an existence check per file (two requests each on S3)
         try:
             return {str(p).rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path)}
         except FileNotFoundError:
             return set()
+        except NotImplementedError:
+            return None
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix_obj = plan.storage_data
@@ -217,7 +263,7 @@ class _DcpioWriter(StorageWriter):
         items, prewritten = take_prewritten(list(plan.items), planner, getattr(self, "prewritten", {}))
         groups = _buckets(items, files) if self.single_file_per_rank else [[it] for it in items]
         jobs = []
-        taken = prefix_obj.taken if isinstance(prefix_obj, DecidedPrefix) else self._existing_names()
+        taken = prefix_obj.taken if isinstance(prefix_obj, DecidedPrefix) else self._listing()
         for n, items in enumerate(groups):
             name = self._file_name(prefix, n, taken)
             jobs.append(FileJob(name, str(self.fs.concat_path(self.path, name)), tuple(items)))
@@ -232,6 +278,9 @@ class _DcpioWriter(StorageWriter):
         started = time.perf_counter()
         try:
             results = write_files(self.fs, jobs, planner, opts) + prewritten
+        except BaseException:
+            self._release_lock()  # this save is over; finish() will not run
+            raise
         finally:
             end_gc_pause(self)
         self.stats = write_stats(results, len(jobs), time.perf_counter() - started)
@@ -240,6 +289,12 @@ class _DcpioWriter(StorageWriter):
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        try:
+            self._commit(metadata, results)
+        finally:
+            self._release_lock()
+
+    def _commit(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         storage_md: dict[Any, Any] = {}
         for rank_results in results:
             for result in rank_results:
@@ -247,7 +302,7 @@ class _DcpioWriter(StorageWriter):
         metadata.storage_data = storage_md
         metadata.storage_meta = self.storage_meta()
         metadata.version = _DCP_VERSION
-        per_rank = not self.use_collectives and self.rank is not None
+        per_rank = self._per_rank()
         target = self._metadata_path(self.rank if per_rank else None)
         try:
             payload = pickle.dumps(metadata)
@@ -256,25 +311,50 @@ class _DcpioWriter(StorageWriter):
                 f"{target}: the checkpoint metadata cannot be pickled ({err}); the previous checkpoint is intact"
             ) from err
         try:
-            self.fs.write_file_atomic(target, payload, self.sync_files)
+            publish_bytes(self.fs, target, payload, self.sync_files)
         except BaseException:
             # not committed: this save's data files are orphans (they never reuse a name the old checkpoint has)
             for name in {getattr(info, "relative_path", None) for info in storage_md.values()}:
                 if isinstance(name, str):
                     self.fs.remove_quietly(str(self.fs.concat_path(self.path, name)))
             raise
-        if per_rank:
-            # a global .metadata left by an earlier collective save would shadow this per-rank checkpoint on load
-            # (dcp.load tries it first) and names files about to be removed: it is superseded now
-            self.fs.remove_quietly(self._metadata_path(None))
-        self._remove_superseded(storage_md, self.rank if per_rank else None)
-
-    def _remove_superseded(self, storage_md: dict[Any, Any], only_rank: int | None) -> None:
-        """After the commit: delete data files no longer named by the committed metadata (ours and torch's)."""
         keep = {getattr(info, "relative_path", None) for info in storage_md.values()}
+        if per_rank:
+            # the global .metadata stays (a newer generation shadows it on load); so does every file it names,
+            # which other ranks of the previous checkpoint may read
+            keep |= self._named_by_global()
+        else:
+            self._remove_rank_metadata()
+        self._remove_superseded(keep, self.rank if per_rank else None)
+
+    def _named_by_global(self) -> set[Any]:
+        path = self._metadata_path(None)
+        try:
+            if not self.fs.exists(path):
+                return set()
+            md = load_metadata(self.fs.read_file(path, knobs.max_metadata_bytes()), path)
+        except (OSError, CheckpointError) as err:
+            # cannot tell what it names: remove nothing of this rank's older files
+            warnings.warn(f"{path}: unreadable ({err}); keeping every older data file", stacklevel=2)
+            return {None, *self._existing_names()}
+        storage = md.storage_data if isinstance(md.storage_data, dict) else {}
+        return {getattr(info, "relative_path", None) for info in storage.values()}
+
+    def _remove_rank_metadata(self) -> None:
+        """After a collective commit, per-rank metadata in the directory describe older saves: superseded."""
+        for name in per_rank_metadata(sorted(self._existing_names())).values():
+            try:
+                self.fs.remove_quietly(str(self.fs.concat_path(self.path, name)))
+            except (OSError, CheckpointError) as err:
+                warnings.warn(f"{self.path}: committed, but removing superseded {name} failed: {err}", stacklevel=2)
+
+    def _remove_superseded(self, keep: set[Any], only_rank: int | None) -> None:
+        """After the commit: delete data files no longer named by the committed metadata (ours and torch's)."""
         try:
             entries = self.fs.ls(self.path)
-        except (OSError, NotImplementedError, CheckpointError) as err:
+        except NotImplementedError:
+            return  # a backend that cannot list (torch's interface has no ls): older files stay, as with torch
+        except (OSError, CheckpointError) as err:
             # the new checkpoint is committed; leftover files cost space, not correctness
             warnings.warn(f"{self.path}: committed, but listing old data files for removal failed: {err}", stacklevel=2)
             return
@@ -291,7 +371,8 @@ class _DcpioWriter(StorageWriter):
                 warnings.warn(f"{self.path}: committed, but removing superseded {name} failed: {err}", stacklevel=2)
 
     def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)
+        meta = StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)
+        return record_generation(meta, self._generation) if self._generation is not None else meta
 
     @property
     def checkpoint_id(self) -> Any:

@@ -242,11 +242,14 @@ def write_files(
 ) -> list[WriteResult]:
     """Write every job's file; on any failure remove all of this save's files and raise the first error."""
     per_job: list[list[WriteResult]] = [[] for _ in jobs]
+    not_ours: set[int] = set()  # files whose name was taken: the entry there is someone else's, never removed
 
     def write_one(i: int) -> None:
         try:
             per_job[i] = _write_one_file(fs, jobs[i], planner, opts)
         except BaseException as err:  # named after its file, then rolled back and re-raised by the caller
+            if isinstance(err, FileExistsError):
+                not_ours.add(i)
             named = _name_file(err, jobs[i].path)
             if named is err:
                 raise
@@ -256,8 +259,9 @@ def write_files(
         tasks = [functools.partial(write_one, i) for i in range(len(jobs))]
         errors = run_queued(tasks, opts.threads, keep_going=False, name="dcpio-w")
     if errors:
-        for job in jobs:
-            fs.remove_quietly(job.path)
+        for i, job in enumerate(jobs):
+            if i not in not_ours:
+                fs.remove_quietly(job.path)
         raise_first(errors)
     return [result for results in per_job for result in results]
 

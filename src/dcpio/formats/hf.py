@@ -9,12 +9,13 @@ Layout written (facts as in torch's ``hf_storage``, so torch's reader, ``safeten
   ``DCP_VERSION`` and ``format: pt``. With ``enable_consolidation`` those go under ``sharded/`` and the coordinator
   then writes full tensors beside it (:func:`consolidate_safetensors_files`).
 
-Commit protocol: every data file is written as ``<name>.tmp`` and fsynced; once every rank is done the coordinator
-renames them all to their final names, fsyncs the directory and writes ``model.safetensors.index.json`` (tmp +
-rename) last. The HF layout has fixed file names (that is what the ecosystem loads), so there is no single atomic
-commit: a save killed while writing data leaves the previous export intact (plus ``.tmp`` files the next save
-removes), but one killed during the renames, a few milliseconds, can leave new files beside the older index. With
-``save_distributed`` each shard file is published as soon as it is complete, since consolidation reads them.
+Commit protocol (:class:`dcpio.commit.GroupCommit`): every data file is written as ``<name>.tmp`` (created
+exclusively) and fsynced; once every rank is done the coordinator renames them all to their final names, fsyncs the
+directory and writes ``model.safetensors.index.json`` (tmp + rename) last. The HF layout has fixed file names (that
+is what the ecosystem loads), so there is no single atomic commit: a save killed while writing data leaves the
+previous export intact (plus ``.tmp`` files the next save replaces), but one killed during the renames, a few
+milliseconds, can leave new files beside the older index. With ``save_distributed`` each shard file is published as
+soon as it is complete, since consolidation reads them.
 
 Writes stream: the header is computed from the save plan, then each tensor's bytes go from its memory to ``writev``,
 one tensor resolved (and copied off an accelerator) at a time. Reads fetch only the byte ranges a rank needs, straight
@@ -63,6 +64,7 @@ from torch.futures import Future
 
 from dcpio import knobs
 from dcpio._runtime import gc_paused, raise_first, run_queued
+from dcpio.commit import GroupCommit
 from dcpio.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -79,6 +81,7 @@ from dcpio.formats.safetensors import (
     torch_dtype_of,
     torch_shape_of,
     write_entries,
+    write_staged,
 )
 from dcpio.integrity.extents import check_tiling
 from dcpio.integrity.paths import check_plain_name, confined
@@ -459,7 +462,8 @@ class HuggingFaceStorageWriter(StorageWriter):
         else:
             # published together in finish(), right before the index: a save killed while writing data (nearly all
             # of its time) leaves the previous export untouched
-            size = write_entries(self.fs, f"{path}.tmp", entries, resolve, metadata, sync=self.sync_files, atomic=False)
+            staged = GroupCommit(self.fs, self._data_dir).stage(name)  # <name>.tmp, created exclusively
+            size = write_staged(staged, entries, resolve, metadata, sync=self.sync_files, publish=False)
         data_start = size - sum(e.nbytes for e in entries)
         return [
             WriteResult(
@@ -490,11 +494,7 @@ class HuggingFaceStorageWriter(StorageWriter):
             for wr in wr_list:
                 weight_map[wr.index.fqn] = wr.storage_data.relative_path
                 sizes[wr.index.fqn] = wr.storage_data.length
-        for name in sorted(set(weight_map.values())):
-            final = _join(self.fs, self._data_dir, name)
-            self.fs.replace(f"{final}.tmp", final)
-        if self.sync_files:
-            self.fs.sync_dir(self._data_dir)
+        GroupCommit(self.fs, self._data_dir).publish_staged(weight_map.values(), self.sync_files)
         _write_index(self.fs, self.path, weight_map, sum(sizes.values()), self.sync_files)
         _remove_stale(self.fs, self.path, set(weight_map.values()))
 

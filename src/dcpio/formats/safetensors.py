@@ -15,7 +15,7 @@ The three stable entry points (used by the HF storage classes, DCP's ``SAFETENSO
 * :func:`parse_header` -- the header of an untrusted file, every offset, shape and dtype checked against the file's
   length and each other; anything wrong is a :class:`~dcpio.errors.CorruptCheckpointError` naming the file and tensor.
 * :func:`write_file` -- header then each tensor's bytes straight from tensor memory, one tensor in memory at a time,
-  published atomically (``<path>.tmp`` + fsync + rename).
+  published through :mod:`dcpio.commit` (``<path>.tmp`` created exclusively + fsync + rename on disks).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from typing import Any
 import torch
 
 from dcpio import knobs
+from dcpio.commit import StagedFile, stage_file
 from dcpio.errors import CheckpointError, CorruptCheckpointError
-from dcpio.movers.base import FileSystemBase, ReadHandle
+from dcpio.movers.base import FileSystemBase, ReadHandle, WriteHandle
 from dcpio.tensor_bytes import byte_view
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "torch_dtype_of",
     "torch_shape_of",
     "write_entries",
+    "write_staged",
     "write_file",
 ]
 
@@ -427,7 +429,8 @@ def write_file(
         metadata: ``__metadata__`` strings (None: no such key).
         sync: fsync the file (and its directory when ``atomic``).
         sort: order tensors as the reference writer does (see :func:`layout`).
-        atomic: write ``<path>.tmp`` and rename it over ``path`` once complete.
+        atomic: publish through the mover's commit strategy (:func:`dcpio.commit.stage_file`: ``<path>.tmp`` then
+            a rename on disks); False writes ``path`` itself, which must be a new name.
 
     Returns:
         The file's length in bytes.
@@ -459,51 +462,80 @@ def write_entries(
     Fetching lazily lets a caller resolve (or copy off an accelerator) one tensor at a time. Each tensor's dtype and
     shape are checked against its entry. Returns the file's length; see :func:`write_file` for the other arguments.
     """
-    if sys.byteorder != "little":
-        raise CheckpointError("safetensors files are little-endian; writing them on a big-endian host is unsupported")
-    head = encode_header(entries, metadata)
-    target = f"{path}.tmp" if atomic else path
-    handle = fs.open_writer(target)
+    if not atomic:
+        handle = fs.open_writer(path)  # a new name (created exclusively where the mover can)
+        try:
+            total = _write_body(handle, path, entries, get_tensor, metadata)
+            if sync:
+                handle.sync()
+            handle.close()
+        except BaseException:
+            handle.abort()
+            fs.remove_quietly(path)
+            raise
+        return total
+    return write_staged(stage_file(fs, path), entries, get_tensor, metadata, sync=sync)
+
+
+def write_staged(
+    staged: StagedFile,
+    entries: Sequence[TensorEntry],
+    get_tensor: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    sync: bool = True,
+    publish: bool = True,
+) -> int:
+    """Stream a file into a :class:`dcpio.commit.StagedFile` and commit it (``publish=False``: finish it only, for
+    a :class:`dcpio.commit.GroupCommit` that renames the set later). On failure the staged file is aborted."""
     try:
-        handle.write([memoryview(head)])
-        batch: list[memoryview] = []
-        keep: list[torch.Tensor] = []
-        batch_bytes = 0
-        for entry in entries:
-            tensor = get_tensor(entry.name).detach()
-            if st_dtype_of(tensor.dtype, entry.name) != entry.dtype or _st_shape_of(tensor) != entry.shape:
-                raise CheckpointError(
-                    f"{path}: tensor {entry.name!r} is {tensor.dtype} {list(tensor.shape)} but the header was "
-                    f"planned for {entry.dtype} {list(entry.shape)}; the state dict changed during the save"
-                )
-            if entry.nbytes == 0:
-                continue
-            if tensor.device.type != "cpu" or not tensor.is_contiguous():
-                tensor = tensor.cpu().contiguous()
-            keep.append(tensor)  # the view borrows the tensor's memory until the write returns
-            batch.append(byte_view(tensor))
-            batch_bytes += entry.nbytes
-            if batch_bytes >= _WRITE_BATCH_BYTES or len(batch) >= _WRITE_BATCH_BUFFERS:
-                handle.write(batch)
-                batch, keep, batch_bytes = [], [], 0
-        if batch:
-            handle.write(batch)
-        del batch, keep
-        total = handle.tell()
-        if sync:
-            handle.sync()
-        handle.close()
+        total = _write_body(staged.handle, staged.final, entries, get_tensor, metadata)
+        if publish:
+            staged.commit(sync)
+        else:
+            staged.finish(sync)
     except BaseException:
-        handle.abort()
-        fs.remove_quietly(target)
+        staged.abort()  # removes only the temporary file it created
         raise
-    if atomic:
-        fs.replace(target, path)
-        if sync:
-            fs.sync_dir(_dirname(path))
     return total
 
 
-def _dirname(path: str) -> str:
-    head, _, _ = str(path).rpartition("/")
-    return head or "."
+def _write_body(
+    handle: WriteHandle,
+    path: str,
+    entries: Sequence[TensorEntry],
+    get_tensor: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str] | None,
+) -> int:
+    if sys.byteorder != "little":
+        raise CheckpointError("safetensors files are little-endian; writing them on a big-endian host is unsupported")
+    handle.write([memoryview(encode_header(entries, metadata))])
+    _write_tensors(handle, path, entries, get_tensor)
+    return handle.tell()
+
+
+def _write_tensors(
+    handle: WriteHandle, path: str, entries: Sequence[TensorEntry], get_tensor: Callable[[str], torch.Tensor]
+) -> None:
+    batch: list[memoryview] = []
+    keep: list[torch.Tensor] = []
+    batch_bytes = 0
+    for entry in entries:
+        tensor = get_tensor(entry.name).detach()
+        if st_dtype_of(tensor.dtype, entry.name) != entry.dtype or _st_shape_of(tensor) != entry.shape:
+            raise CheckpointError(
+                f"{path}: tensor {entry.name!r} is {tensor.dtype} {list(tensor.shape)} but the header was "
+                f"planned for {entry.dtype} {list(entry.shape)}; the state dict changed during the save"
+            )
+        if entry.nbytes == 0:
+            continue
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            tensor = tensor.cpu().contiguous()
+        keep.append(tensor)  # the view borrows the tensor's memory until the write returns
+        batch.append(byte_view(tensor))
+        batch_bytes += entry.nbytes
+        if batch_bytes >= _WRITE_BATCH_BYTES or len(batch) >= _WRITE_BATCH_BUFFERS:
+            handle.write(batch)
+            batch, keep, batch_bytes = [], [], 0
+    if batch:
+        handle.write(batch)

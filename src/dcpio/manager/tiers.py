@@ -344,7 +344,7 @@ class StepWriter(FileSystemWriter):
         super().__init__(path, **options)
         self.written: tuple[str, ...] = ()
 
-    def _file_name(self, prefix: str, n: int, taken: AbstractSet[str]) -> str:
+    def _file_name(self, prefix: str, n: int, taken: AbstractSet[str] | None) -> str:
         # always tagged with this save's id: two saves racing for one step never share (and so never remove)
         # each other's data files; only one of them can commit
         return f"{prefix}{n}.{self.save_id.replace('-', '')[:8]}{DEFAULT_SUFFIX}"

@@ -22,7 +22,7 @@ from typing import IO, Any, cast
 import torch
 from torch.distributed.checkpoint.filesystem import FileSystemBase as _TorchFileSystemBase
 
-from dcpio.errors import CorruptCheckpointError
+from dcpio.errors import CheckpointWriteError, CorruptCheckpointError
 
 __all__ = ["FileSystemBase", "ReadHandle", "StreamReadHandle", "StreamWriteHandle", "WriteHandle"]
 
@@ -105,6 +105,12 @@ def _truncated(path: str, offset: int, want: int, got: int) -> CorruptCheckpoint
     )
 
 
+def _write_error(path: str, err: OSError, what: str = "writing") -> Exception:
+    from dcpio.movers.local import write_error  # local.py builds on this module
+
+    return write_error(path, err, what)
+
+
 class StreamWriteHandle(WriteHandle):
     """A :class:`WriteHandle` over any writable binary stream (the fallback for ``create_stream`` backends)."""
 
@@ -117,8 +123,23 @@ class StreamWriteHandle(WriteHandle):
     def write(self, buffers: Sequence[memoryview]) -> int:
         n = 0
         for b in buffers:
-            self._stream.write(b)
-            n += len(b)
+            view = b.cast("B") if b.format != "B" or b.ndim != 1 else b
+            pos = 0
+            while pos < len(view):
+                # raw streams may take part of a buffer (a short write is legal); None means "all of it" for
+                # streams that do not count
+                try:
+                    done = self._stream.write(view[pos:])
+                except OSError as err:
+                    raise _write_error(self.path, err) from err
+                step = len(view) - pos if done is None else int(done)
+                if step <= 0:
+                    raise CheckpointWriteError(
+                        f"{self.path}: the stream accepted no bytes at byte {self._written + n + pos} (the backend's "
+                        "write returned 0); the store is full or broken. The previous checkpoint is intact."
+                    )
+                pos += step
+            n += len(view)
         self._written += n
         return n
 
@@ -126,7 +147,10 @@ class StreamWriteHandle(WriteHandle):
         return self._written
 
     def sync(self) -> None:
-        self._stream.flush()
+        try:
+            self._stream.flush()
+        except OSError as err:
+            raise _write_error(self.path, err, "flushing the file") from err
         fileno = getattr(self._stream, "fileno", None)
         if fileno is None:
             return
@@ -137,11 +161,14 @@ class StreamWriteHandle(WriteHandle):
             pass
 
     def close(self) -> None:
-        if self._closer is not None:
-            closer, self._closer = self._closer, None
-            closer.__exit__(None, None, None)
-        else:
-            self._stream.close()
+        try:
+            if self._closer is not None:
+                closer, self._closer = self._closer, None
+                closer.__exit__(None, None, None)
+            else:
+                self._stream.close()
+        except OSError as err:  # buffered bytes meet a full disk at the last flush
+            raise _write_error(self.path, err, "closing the file") from err
 
 
 class StreamReadHandle(ReadHandle):
@@ -189,12 +216,18 @@ class FileSystemBase(_TorchFileSystemBase):
     Capability flags tell the I/O engine what the store can do well:
 
     * ``supports_parallel_reads``: several threads may read ranges of one file at once.
-    * ``supports_atomic_rename``: ``rename`` replaces the target atomically (POSIX). Object stores commit by
-      writing the metadata object last instead; see :mod:`dcpio.integrity.commit`.
+    * ``supports_atomic_rename``: ``rename`` replaces the target atomically (POSIX). Read by
+      :func:`dcpio.commit.strategy_for`: object stores commit by writing the metadata object last instead.
+    * ``supports_exclusive_create``: :meth:`open_writer` refuses a name that exists (``O_EXCL | O_NOFOLLOW``)
+      instead of writing through it; where False, the commit module checks and clears the name first.
+    * ``supports_atomic_writes``: a file written through :meth:`open_writer` appears whole at ``close`` and not at
+      all after ``abort`` (an S3 upload). Only then may a put-last commit stream straight to the final name.
     """
 
     supports_parallel_reads: bool = True
     supports_atomic_rename: bool = True
+    supports_exclusive_create: bool = False
+    supports_atomic_writes: bool = False
 
     @contextmanager
     @abstractmethod
@@ -205,7 +238,8 @@ class FileSystemBase(_TorchFileSystemBase):
         """Full paths of the entries directly under ``path``."""
 
     def open_writer(self, path: PathLike) -> WriteHandle:
-        """Create (or truncate) ``path`` for appending."""
+        """Create ``path`` for appending: a new file (``FileExistsError`` if the name is taken) where the mover has
+        ``supports_exclusive_create``, else created or truncated."""
         cm = self.create_stream(path, "wb")
         stream = cm.__enter__()
         return StreamWriteHandle(str(path), cast(IO[bytes], stream), closer=cm)
@@ -231,21 +265,31 @@ class FileSystemBase(_TorchFileSystemBase):
             handle.close()
 
     def write_file_atomic(self, path: PathLike, data: bytes, sync: bool) -> None:
-        """Publish ``data`` at ``path`` all at once: readers see the old content or the new, never a mix."""
-        tmp = f"{path}.tmp"
-        handle = self.open_writer(tmp)
+        """Publish ``data`` at ``path`` all at once through the commit module (:func:`dcpio.commit.publish_bytes`)."""
+        from dcpio.commit import publish_bytes  # the commit module builds on this one
+
+        publish_bytes(self, str(path), data, sync)
+
+    def put_bytes(self, path: PathLike, data: bytes) -> None:
+        """Store ``data`` as the whole of ``path`` in one operation (the put-last commit's primitive)."""
+        handle = self.open_writer(path)
         try:
             handle.write([memoryview(data)])
-            if sync:
-                handle.sync()
             handle.close()
         except BaseException:
             handle.abort()
-            self.remove_quietly(tmp)
             raise
-        self.replace(tmp, path)
-        if sync:
-            self.sync_dir(os.path.dirname(str(path)))
+
+    def create_new_bytes(self, path: PathLike, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` if no entry has that name; False if one does (used for lock files).
+
+        Atomic where the mover has ``supports_exclusive_create`` or overrides this (a conditional PUT); elsewhere a
+        check then a write, which two writers can still race through.
+        """
+        if self.exists(path):
+            return False
+        self.put_bytes(path, data)
+        return True
 
     def replace(self, path: PathLike, new_path: PathLike) -> None:
         """Rename ``path`` over ``new_path``, replacing it."""

@@ -1,199 +1,46 @@
-"""The fsspec byte mover: checkpoints on any fsspec URL (``s3://`` via s3fs, ``memory://``, ``file://``, ...).
+"""The generic fsspec byte mover: checkpoints on any fsspec URL (``s3://`` via s3fs, ``memory://``, ``file://``, ...).
 
-How a save commits on an object store
--------------------------------------
-Object stores have no atomic rename (S3's "rename" is a copy and a delete) and no fsync, but a single PUT of
-an object is atomic: readers see the old object or the new one, never a part. dcpio therefore uses the
-*commit-marker* scheme Orbax documents: data objects are complete (a multipart upload finishes only in
-``close()``) before the writer asks for the metadata, and ``write_file_atomic`` PUTs ``.metadata`` straight to
-its final key. That PUT is the commit point; a save that dies before it leaves the previous ``.metadata`` in
-place, naming the previous data objects, which the writer only removes after the new metadata is committed.
-``supports_atomic_rename`` is False for these stores so the writer never relies on ``rename``. ``file://``
-URLs are plain local paths: they go through dcpio's local handles (vectored writes, positional reads, fsync,
-tmp + rename) and keep every local-disk guarantee.
+How a save commits here: ``supports_atomic_rename`` is True only for local paths, so :func:`dcpio.commit.strategy_for`
+picks the put-last strategy for object stores (the metadata object is written last, by one PUT or ``pipe_file``)
+and the atomic-rename strategy for ``file://`` URLs, which go through dcpio's local handles (vectored writes,
+positional reads, exclusive creates, fsync, tmp + rename) and keep every local-disk guarantee.
 
-Fast paths
-----------
-* Writes to S3 go out as a multipart upload: ``write`` copies the caller's buffers into part-sized buffers
-  (the caller may reuse its memory as soon as ``write`` returns), full parts upload in parallel on a small
-  thread pool, and a semaphore bounds the parts in flight (``DCPIO_MAX_INFLIGHT`` / ``DCPIO_S3_PART_SIZE``).
-  A file smaller than one part is a single PUT at ``close()``.
-* Reads are ranged GETs (``fs.cat_file(path, start, end)``): a large range is split into part-sized GETs
-  fetched in parallel straight into the caller's buffer, so a resharding load downloads only what it needs.
-
-Retries
--------
-This module owns retrying. botocore's own retries are switched off (``total_max_attempts=1``) and s3fs's
-retry loop is set to one attempt, so a throttled request is not retried 5 x 5 times behind our back.
-Transient failures (HTTP 5xx, 429, ``SlowDown``, connection resets and timeouts) are retried with exponential
-backoff and full jitter, at most ``DCPIO_RETRY_ATTEMPTS`` times within ``DCPIO_RETRY_MAX_SECONDS``; permanent
-ones (no such bucket, access denied, invalid credentials, other 4xx) fail at once with the URL, the cause and
-what to do.
+Reads are ranged GETs (``fs.cat_file(path, start, end)``): a large range is split into part-sized GETs fetched in
+parallel straight into the caller's buffer, so a resharding load downloads only what it needs. The S3 specifics
+(multipart uploads, conditional PUTs, s3fs options) are in :mod:`dcpio.movers.s3`; the retry policy and the final
+error messages in :mod:`dcpio.movers.retry`; which mover serves a URL, with install hints, in
+:mod:`dcpio.movers.registry`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import io
 import os
-import random
-import socket
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from dcpio import knobs
-from dcpio.errors import CheckpointError, CheckpointReadError, CheckpointWriteError
+from dcpio.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
+from dcpio.movers import s3
 from dcpio.movers.base import FileSystemBase, PathLike, ReadHandle, WriteHandle, _truncated
 from dcpio.movers.local import FileSystem as _LocalFileSystem
+from dcpio.movers.registry import check_installed, missing_package_error
+from dcpio.movers.retry import RetryPolicy, final_error, is_transient
 
 __all__ = ["FsspecFileSystem", "is_transient"]
 
 T = TypeVar("T")
 
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
-_S3_MIN_PART = 5 << 20  # S3 refuses parts below 5 MiB (all but the last)
-_S3_MAX_PARTS = 10_000
-_BACKOFF_BASE_S = 0.1
-_BACKOFF_CAP_S = 10.0
 _MAX_WORKERS = 16
 _SMALL_READ = 16 << 10  # reads up to this size are served from cached blocks (record headers)
 _SMALL_BLOCK = 64 << 10
 _SMALL_BLOCKS_KEPT = 8
-
-_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "TooManyRequests",
-        "RequestLimitExceeded",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "InternalError",
-        "ServiceUnavailable",
-        "BadDigest",  # a body damaged in transit: sending it again is the fix
-        "XAmzContentSHA256Mismatch",
-    }
-)
-_AUTH_CODES = frozenset(
-    {
-        "AccessDenied",
-        "AllAccessDisabled",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "InvalidToken",
-        "ExpiredToken",
-        "TokenRefreshRequired",
-        "InvalidSecurity",
-        "AccountProblem",
-        "InvalidClientTokenId",
-        "UnrecognizedClientException",
-    }
-)
-_TRANSIENT_ERRNOS = frozenset(
-    {
-        errno.EBUSY,
-        errno.EAGAIN,
-        errno.ECONNRESET,
-        errno.ECONNABORTED,
-        errno.ECONNREFUSED,
-        errno.ETIMEDOUT,
-        errno.EPIPE,
-        getattr(errno, "EREMOTEIO", errno.EIO),
-    }
-)
-
-
-def _transient_types() -> tuple[type[BaseException], ...]:
-    """Exception classes that mean "the connection failed", from whichever HTTP stacks are installed."""
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.timeout, asyncio.TimeoutError]
-    try:
-        from fsspec.exceptions import FSTimeoutError
-
-        types.append(FSTimeoutError)
-    except ImportError:
-        pass
-    try:
-        from botocore.exceptions import HTTPClientError, IncompleteReadError, ResponseStreamingError
-
-        types += [HTTPClientError, IncompleteReadError, ResponseStreamingError]
-    except ImportError:
-        pass
-    try:
-        import aiohttp
-
-        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError]
-    except ImportError:
-        pass
-    return tuple(types)
-
-
-_TRANSIENT_TYPES: tuple[type[BaseException], ...] | None = None
-
-
-def _chain(err: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    seen: set[int] = set()
-    cur: BaseException | None = err
-    while cur is not None and id(cur) not in seen and len(out) < 8:
-        out.append(cur)
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return out
-
-
-def _http_info(err: BaseException) -> tuple[str, int | None, str]:
-    """(error code, HTTP status, server message) of the first HTTP response in ``err``'s chain."""
-    for e in _chain(err):
-        response = getattr(e, "response", None)
-        if isinstance(response, dict):
-            error = response.get("Error") or {}
-            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            return (
-                str(error.get("Code") or ""),
-                status if isinstance(status, int) else None,
-                str(error.get("Message") or ""),
-            )
-    return "", None, ""
-
-
-def is_transient(err: BaseException) -> bool:
-    """True when ``err`` is worth retrying: HTTP 5xx/429/408, throttling, a dropped or timed-out link."""
-    global _TRANSIENT_TYPES
-    if _TRANSIENT_TYPES is None:
-        _TRANSIENT_TYPES = _transient_types()
-    code, status, _ = _http_info(err)
-    if code in _TRANSIENT_CODES:
-        return True
-    if status is not None:
-        return status >= 500 or status in (408, 429)
-    if code:
-        return False
-    for e in _chain(err):
-        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-            return False
-        if isinstance(e, _TRANSIENT_TYPES):
-            return True
-        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
-            return True
-    return False
-
-
-def _cause(err: BaseException) -> str:
-    code, status, message = _http_info(err)
-    if code or status:
-        if code == str(status):
-            code = ""  # a HEAD reply has no body: botocore uses the status as the code
-        parts = [p for p in (code, f"HTTP {status}" if status else "", message.rstrip(".")) if p]
-        return ": ".join(parts)
-    return f"{type(err).__name__}: {err}"
 
 
 class FsspecFileSystem(FileSystemBase):
@@ -217,7 +64,7 @@ class FsspecFileSystem(FileSystemBase):
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._bucket_checked: set[str] = set()
-        self._rng = random.Random()
+        self._retry = RetryPolicy()
         self._connect(str(url))
         inflight_parts = max(2, knobs.max_bytes_in_flight() // max(1, self._part_size))
         self._workers = max(2, min(_MAX_WORKERS, inflight_parts))
@@ -228,18 +75,15 @@ class FsspecFileSystem(FileSystemBase):
         from fsspec.core import split_protocol, url_to_fs
 
         protocol = split_protocol(url)[0] or "file"
+        check_installed(url, protocol)
         options = dict(self._storage_options)
         is_s3 = protocol in ("s3", "s3a")
         if is_s3:
-            options = _s3_options(options)
+            options = s3.s3_options(options)
         try:
             fs, _ = url_to_fs(url, **options)
         except ImportError as err:
-            raise CheckpointError(
-                f"{url}: the {protocol}:// protocol needs a package that is not installed ({err}). "
-                + ("Install s3fs to access s3:// (pip install s3fs, or pip install 'dcpio[s3]')." if is_s3 else "")
-                + " Then run again."
-            ) from err
+            raise missing_package_error(url, protocol, err) from err
         except ValueError as err:
             raise CheckpointError(
                 f"{url}: fsspec cannot open this URL ({err}). Check the protocol and the storage options."
@@ -251,9 +95,15 @@ class FsspecFileSystem(FileSystemBase):
         self.protocol = protocol
         self.is_local = protocol in _LOCAL_PROTOCOLS
         self.is_s3 = is_s3
+        # capability flags read by dcpio.commit.strategy_for: only local paths rename atomically and create
+        # exclusively; object stores commit by putting the metadata last
         self.supports_atomic_rename = self.is_local
+        self.supports_exclusive_create = self.is_local
+        # an S3 object appears on the upload's completion; other stores (memory://) show a file while it is written
+        self.supports_atomic_writes = is_s3
+        self.endpoint = s3.endpoint_of(self._storage_options) if is_s3 else None
         part = knobs.s3_part_size()
-        self._part_size = max(part, _S3_MIN_PART) if is_s3 else part
+        self._part_size = max(part, s3.S3_MIN_PART) if is_s3 else part
         self._local = _LocalFileSystem() if self.is_local else None
 
     def close(self) -> None:
@@ -289,23 +139,11 @@ class FsspecFileSystem(FileSystemBase):
             fn: the request; it must be safe to repeat (every S3 request dcpio sends is).
             writing: pick CheckpointWriteError (True) or CheckpointReadError (False) for a final failure.
         """
-        attempts = knobs.retry_attempts()
-        budget = float(knobs.retry_max_seconds())
-        start = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return fn()
-            except Exception as err:
-                if isinstance(err, CheckpointError) or getattr(err, "_dcpio", False):
-                    raise  # already ours (a nested call, a truncation): it names the file and the fix
-                transient = is_transient(err)
-                elapsed = time.monotonic() - start
-                delay = self._rng.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt))
-                if not transient or attempt >= attempts or elapsed + delay > budget:
-                    raise self._final(what, path, err, writing, attempt, elapsed, transient) from err
-                time.sleep(delay)
+
+        def final(err: Exception, attempts: int, elapsed: float, transient: bool) -> Exception:
+            return self._final(what, path, err, writing, attempts, elapsed, transient)
+
+        return self._retry.run(fn, final)
 
     def _final(
         self,
@@ -317,62 +155,20 @@ class FsspecFileSystem(FileSystemBase):
         elapsed: float,
         transient: bool,
     ) -> Exception:
-        return _tag(self._final_untagged(what, path, err, writing, attempts, elapsed, transient))
+        return final_error(
+            self.url(path),
+            what,
+            err,
+            writing=writing,
+            attempts=attempts,
+            elapsed=elapsed,
+            transient=transient,
+            endpoint=self.endpoint,
+        )
 
     def fail(self, what: str, path: PathLike, err: BaseException, *, writing: bool) -> Exception:
         """dcpio's error for a failure that cannot be retried here (a stream write), naming URL and cause."""
         return self._final(what, path, err, writing, 1, 0.0, is_transient(err))
-
-    def _final_untagged(
-        self,
-        what: str,
-        path: PathLike,
-        err: BaseException,
-        writing: bool,
-        attempts: int,
-        elapsed: float,
-        transient: bool,
-    ) -> Exception:
-        url = self.url(path)
-        code, status, _ = _http_info(err)
-        cause = _cause(err)
-        if transient:
-            cls = CheckpointWriteError if writing else CheckpointReadError
-            return cls(
-                f"{url}: {what} failed {attempts} times in {elapsed:.1f} s; last cause: {cause}. "
-                "The store kept throttling or dropping connections. Try again later, or allow more with "
-                "DCPIO_RETRY_ATTEMPTS / DCPIO_RETRY_MAX_SECONDS."
-                + (" The previous checkpoint is intact." if writing else "")
-            )
-        if code == "NoSuchBucket" or (what == "checking the bucket" and status == 404):
-            bucket = self._p(path).split("/", 1)[0]
-            msg = (
-                f"{url}: bucket '{bucket}' does not exist ({cause}) while {what}. "
-                "Create the bucket or fix the URL (and the endpoint_url in the storage options)."
-            )
-            return CheckpointWriteError(msg) if writing else FileNotFoundError(errno.ENOENT, msg, url)
-        if code in _AUTH_CODES or status in (401, 403) or any(isinstance(e, PermissionError) for e in _chain(err)):
-            return PermissionError(
-                errno.EACCES,
-                f"{url}: access refused while {what} ({cause}). Check the credentials "
-                "(storage options key=/secret=/token= or the AWS_* environment), the endpoint, "
-                "and that the policy allows this action",
-                url,
-            )
-        if code in ("NoSuchKey", "NoSuchUpload", "404") or status == 404 or _has(err, FileNotFoundError):
-            return FileNotFoundError(
-                errno.ENOENT,
-                f"{url}: not found while {what} ({cause}). "
-                "If this is a data file the checkpoint's metadata names, the checkpoint is incomplete: "
-                "restore the object or load another checkpoint",
-                url,
-            )
-        cls = CheckpointWriteError if writing else CheckpointReadError
-        return cls(
-            f"{url}: {what} failed: {cause}. This is not a transient error; "
-            "fix the cause (URL, storage options, bucket policy) and run again."
-            + (" The previous checkpoint is intact." if writing else "")
-        )
 
     # -- torch's FileSystemBase interface --------------------------------------------------------------------
     @contextmanager
@@ -427,18 +223,11 @@ class FsspecFileSystem(FileSystemBase):
 
     def mkdir(self, path: PathLike) -> None:
         if self.is_s3:
-            # no directories on S3; check the bucket once, so a wrong bucket or key fails here, before any
-            # upload
+            # no directories on S3; check the bucket once, so a wrong bucket or key fails here, before any upload
             bucket = self._p(path).split("/", 1)[0]
-            if bucket in self._bucket_checked:
-                return
-            self.call(
-                "checking the bucket",
-                path,
-                lambda: self.fs.call_s3("head_bucket", Bucket=bucket),
-                writing=True,
-            )
-            self._bucket_checked.add(bucket)
+            if bucket not in self._bucket_checked:
+                s3.check_bucket(self, str(path))
+                self._bucket_checked.add(bucket)
             return
         self.call(
             "creating the directory",
@@ -473,7 +262,7 @@ class FsspecFileSystem(FileSystemBase):
         if self._local is not None:
             return self._local.open_writer(self._p(path))
         if self.is_s3:
-            return _MultipartWriteHandle(self, str(path))
+            return s3.MultipartWriteHandle(self, str(path))
         return _StreamWriteHandle(self, str(path))
 
     def open_reader(self, path: PathLike) -> ReadHandle:
@@ -489,32 +278,32 @@ class FsspecFileSystem(FileSystemBase):
             "reading", path, lambda: self.fs.cat_file(self._p(path), start=0, end=limit + 1), writing=False
         )
         if len(data) > limit:
-            from dcpio.errors import CorruptCheckpointError
-
             raise CorruptCheckpointError(
                 f"{self.url(path)}: more than the {limit}-byte cap for this kind of file; "
                 "it is not what dcpio wrote. Raise DCPIO_MAX_METADATA_BYTES only if you trust it."
             )
         return bytes(data)
 
-    def write_file_atomic(self, path: PathLike, data: bytes, sync: bool) -> None:
+    def put_bytes(self, path: PathLike, data: bytes) -> None:
         if self._local is not None:
-            self._local.write_file_atomic(self._p(path), data, sync)
+            self._local.put_bytes(self._p(path), data)
             return
-        p = self._p(path)
         if self.is_s3:
-            bucket, key, _ = self.fs.split_path(p)
-            # a single PUT is atomic on S3: the final key directly, no temporary object, no rename
-            self.call(
-                "writing",
-                path,
-                lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data),
-                writing=True,
-            )
+            s3.put_object(self, str(path), data)  # a single PUT is atomic on S3: no temporary object, no rename
         else:
             # pipe_file stores the whole value at once (memory://, and stores whose close() is the commit)
+            p = self._p(path)
             self.call("writing", path, lambda: self.fs.pipe_file(p, data), writing=True)
-        self.fs.invalidate_cache(p)
+        self.fs.invalidate_cache(self._p(path))
+
+    def create_new_bytes(self, path: PathLike, data: bytes) -> bool:
+        if self._local is not None:
+            return self._local.create_new_bytes(self._p(path), data)
+        if self.is_s3:
+            created = s3.put_if_absent(self, str(path), data)
+            self.fs.invalidate_cache(self._p(path))
+            return created
+        return super().create_new_bytes(path, data)
 
     def replace(self, path: PathLike, new_path: PathLike) -> None:
         self.rename(path, new_path)
@@ -547,197 +336,6 @@ class FsspecFileSystem(FileSystemBase):
         return self._part_size << min(4, (part_number - 1) // 1000)
 
 
-def _has(err: BaseException, cls: type[BaseException]) -> bool:
-    return any(isinstance(e, cls) for e in _chain(err))
-
-
-def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
-    """s3fs options with botocore's retries off, a pool that fits our threads, and no listings cache."""
-    out = dict(options)
-    config = dict(out.get("config_kwargs") or {})
-    config["retries"] = {"mode": "standard", "total_max_attempts": 1}
-    config.setdefault("max_pool_connections", 64)
-    out["config_kwargs"] = config
-    out.setdefault("use_listings_cache", False)
-    # our own instance: we change its retry count, which must not leak into other users of the same options
-    out["skip_instance_cache"] = True
-    return out
-
-
-def _tag(err: Exception) -> Exception:
-    err._dcpio = True  # type: ignore[attr-defined]
-    return err
-
-
-class _MultipartWriteHandle(WriteHandle):
-    """Append to an S3 object by a multipart upload; parts upload in parallel, bounded by the slots."""
-
-    def __init__(self, mover: FsspecFileSystem, path: str) -> None:
-        self.path = path
-        self._mover = mover
-        self._bucket, self._key, _ = mover.fs.split_path(mover._p(path))
-        self._upload_id: str | None = None
-        self._parts: list[Future[dict[str, Any]]] = []
-        # the part being filled: allocated once at its full size, filled by slice assignment (one copy, no
-        # realloc)
-        self._buf: bytearray | None = None
-        self._fill = 0
-        self._written = 0
-        self._closed = False
-
-    def write(self, buffers: Sequence[memoryview]) -> int:
-        if self._closed:
-            raise CheckpointWriteError(f"{self.path}: write after close (a bug in dcpio; please report it)")
-        n = 0
-        for b in buffers:
-            view = b.cast("B") if b.format != "B" or b.ndim != 1 else b
-            pos = 0
-            while pos < len(view):
-                if self._buf is None:
-                    self._buf = bytearray(self._mover.part_size(len(self._parts) + 1))
-                    self._fill = 0
-                take = min(len(self._buf) - self._fill, len(view) - pos)
-                self._buf[self._fill : self._fill + take] = view[pos : pos + take]
-                self._fill += take
-                pos += take
-                if self._fill == len(self._buf):
-                    self._submit_part()
-            n += len(view)
-        self._written += n
-        return n
-
-    def _take_buffer(self) -> bytearray:
-        body = self._buf if self._buf is not None else bytearray()
-        if len(body) > self._fill:
-            del body[self._fill :]
-        self._buf, self._fill = None, 0
-        return body
-
-    def _submit_part(self) -> None:
-        mover = self._mover
-        if self._upload_id is None:
-            resp = mover.call(
-                "starting a multipart upload",
-                self.path,
-                lambda: mover.fs.call_s3("create_multipart_upload", Bucket=self._bucket, Key=self._key),
-                writing=True,
-            )
-            self._upload_id = cast(str, resp["UploadId"])
-        if len(self._parts) >= _S3_MAX_PARTS:
-            raise CheckpointWriteError(
-                f"{self.path}: more than {_S3_MAX_PARTS} parts; raise DCPIO_S3_PART_SIZE and save again"
-            )
-        body = self._take_buffer()
-        number = len(self._parts) + 1
-        upload_id = self._upload_id
-        mover._slots.acquire()  # bounds the bytes in flight; an upload always finishes and frees its slot
-
-        def upload() -> dict[str, Any]:
-            try:
-                resp = mover.call(
-                    f"uploading part {number}",
-                    self.path,
-                    lambda: mover.fs.call_s3(
-                        "upload_part",
-                        Bucket=self._bucket,
-                        Key=self._key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=body,
-                    ),
-                    writing=True,
-                )
-                return {"PartNumber": number, "ETag": resp["ETag"]}
-            finally:
-                mover._slots.release()
-
-        try:
-            self._parts.append(mover._pool().submit(upload))
-        except BaseException:
-            mover._slots.release()
-            raise
-
-    def tell(self) -> int:
-        return self._written
-
-    def sync(self) -> None:
-        """Nothing to do: an S3 object becomes durable and visible as a whole in ``close()``."""
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        mover = self._mover
-        try:
-            if self._upload_id is None:
-                body = self._take_buffer()
-                mover.call(
-                    "writing",
-                    self.path,
-                    lambda: mover.fs.call_s3("put_object", Bucket=self._bucket, Key=self._key, Body=body),
-                    writing=True,
-                )
-                return
-            if self._fill:
-                self._submit_part()
-            parts = [f.result() for f in self._parts]  # re-raises the first failed part's error
-            self._complete(self._upload_id, parts)
-            self._upload_id = None
-        except BaseException:
-            self._abort_upload()
-            raise
-        finally:
-            mover.fs.invalidate_cache(mover._p(self.path))
-
-    def _complete(self, upload_id: str, parts: list[dict[str, Any]]) -> None:
-        mover = self._mover
-        tries = 0
-
-        def complete() -> Any:
-            nonlocal tries
-            tries += 1
-            try:
-                return mover.fs.call_s3(
-                    "complete_multipart_upload",
-                    Bucket=self._bucket,
-                    Key=self._key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                )
-            except Exception as err:
-                # a retried completion whose first attempt did complete (the reply was lost) sees
-                # NoSuchUpload:
-                # the object is there with our size, so the upload did succeed
-                if tries > 1 and _http_info(err)[0] == "NoSuchUpload":
-                    info = mover.fs.info(mover._p(self.path))
-                    if int(info.get("size", -1)) == self._written:
-                        return None
-                raise
-
-        mover.call("completing the multipart upload", self.path, complete, writing=True)
-
-    def _abort_upload(self) -> None:
-        for f in self._parts:
-            f.cancel()
-        for f in self._parts:
-            try:
-                f.exception()
-            except BaseException:  # cancelled or failed: we are on an error path already
-                pass
-        upload_id, self._upload_id = self._upload_id, None
-        if upload_id is None:
-            return
-        try:
-            self._mover.fs.call_s3("abort_multipart_upload", Bucket=self._bucket, Key=self._key, UploadId=upload_id)
-        except Exception:  # best effort: a lifecycle rule cleans leftovers; the original error is what matters
-            pass
-
-    def abort(self) -> None:
-        self._closed = True
-        self._buf, self._fill = None, 0
-        self._abort_upload()
-
-
 class _StreamWriteHandle(WriteHandle):
     """Append through ``fs.open(path, "wb")`` for stores other than S3 and local disk; ``close()`` commits."""
 
@@ -753,8 +351,9 @@ class _StreamWriteHandle(WriteHandle):
         n = 0
         try:
             for b in buffers:
-                self._stream.write(b)
-                n += len(b)
+                view = b.cast("B") if b.format != "B" or b.ndim != 1 else b
+                self._stream.write(view)
+                n += len(view)
         except Exception as err:
             raise self._mover.fail("writing", self.path, err, writing=True) from err
         self._written += n

@@ -32,6 +32,8 @@ __all__ = ["FileSystem", "LocalReadHandle", "LocalWriteHandle", "mapped_bytes_re
 _IOV_MAX = 512  # below every platform's IOV_MAX (1024 on Linux)
 _MAX_IO = 1 << 30  # Linux moves at most 0x7ffff000 bytes a call; stay below it
 
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
 _mapped_lock = threading.Lock()
 _mapped_total = 0
 
@@ -71,9 +73,10 @@ class LocalWriteHandle(WriteHandle):
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self._fd: int | None = os.open(
-                path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644
-            )
+            # a new file only: never truncate or write through an existing name or symlink (see dcpio.commit)
+            self._fd: int | None = os.open(path, _CREATE_FLAGS, 0o644)
+        except FileExistsError:
+            raise
         except OSError as err:
             raise write_error(path, err, "creating the file") from err
         self._written = 0
@@ -234,6 +237,8 @@ class LocalReadHandle(ReadHandle):
 class FileSystem(FileSystemBase):
     """The local filesystem, with zero-copy vectored writes and positional reads."""
 
+    supports_exclusive_create = True
+
     @contextmanager
     def create_stream(self, path: PathLike, mode: str) -> Generator[io.IOBase, None, None]:
         with Path(path).open(mode) as stream:
@@ -279,6 +284,25 @@ class FileSystem(FileSystemBase):
 
     def open_reader(self, path: PathLike) -> ReadHandle:
         return LocalReadHandle(str(path))
+
+    def create_new_bytes(self, path: PathLike, data: bytes) -> bool:
+        # written under a private name, then hard-linked to ``path``: the link fails if the name exists, so the
+        # file appears with its whole content or not at all (a reader never sees it empty)
+        private = f"{path}.{os.getpid()}.{threading.get_ident()}.new"
+        handle = LocalWriteHandle(private)
+        try:
+            handle.write([memoryview(data)])
+            handle.sync()
+            handle.close()
+            os.link(private, path, follow_symlinks=False)
+        except FileExistsError:
+            return False
+        except OSError as err:
+            handle.abort()
+            raise write_error(str(path), err, "creating the file") from err
+        finally:
+            self.remove_quietly(private)
+        return True
 
     def sync_dir(self, path: PathLike) -> None:
         try:
