@@ -57,7 +57,7 @@ from dcpio.integrity.tiles import TILE_ATTRIBUTE, TileChecksums, choose_tiling, 
 from dcpio.movers.base import FileSystemBase, ReadHandle, WriteHandle
 from dcpio.movers.local import count_mapped
 from dcpio.tensor_bytes import byte_view, is_dense_cpu, thread_scratch
-from dcpio.transforms import apply_decode, encode
+from dcpio.transforms import apply_decode, decode_limit, encode
 
 __all__ = ["FileJob", "ReadOptions", "WriteOptions", "read_plan", "write_files"]
 
@@ -383,7 +383,7 @@ def _load_tensor_group(
         stored = _read_verified(handle, base, base + info.length, None, sums, opts.verify, where)
         decode_error: CheckpointError | None = None
         try:
-            raw = _decode(opts, info, bytes(stored), where)
+            raw = _decode(opts, info, bytes(stored), where, group.requests[0].storage_index)
         except CheckpointError as err:
             raw, decode_error = bytearray(), err
         if raw[:4] == ZIP_MAGIC:
@@ -836,9 +836,12 @@ def _load_bytes_group(path: str, group: _Group, opts: ReadOptions, handles: Call
     return data
 
 
-def _decode(opts: ReadOptions, info: _StorageInfo, stored: bytes, where: str) -> bytearray:
+def _decode(
+    opts: ReadOptions, info: _StorageInfo, stored: bytes, where: str, index: MetadataIndex | None = None
+) -> bytearray:
+    limit = decode_limit(opts.expected(index) if index is not None else None, len(stored))
     try:
-        return apply_decode(opts.registry, info.transform_descriptors or (), stored)
+        return apply_decode(opts.registry, info.transform_descriptors or (), stored, limit, where)
     except CheckpointError:
         raise
     except Exception as err:  # a damaged compressed stream may fail in any way inside the codec
