@@ -24,6 +24,7 @@ from dcpio.errors import (
     StorageFullError,
     UnsafeCheckpointError,
 )
+from dcpio.install import install, installed, uninstall
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
 from dcpio.reader import FileSystemReader
@@ -57,6 +58,9 @@ __all__ = [
     "UnsafeCheckpointError",
     "ZStandard",
     "consolidate_safetensors_files",
+    "install",
+    "installed",
+    "uninstall",
 ]
 
 # optional backends load on first use so that `import dcpio` stays light and works without fsspec/safetensors extras

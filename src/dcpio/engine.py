@@ -102,6 +102,8 @@ def _cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.to("cpu")
+    if tensor.is_conj() or tensor.is_neg():  # lazy views: their raw memory is not their value
+        tensor = tensor.resolve_conj().resolve_neg()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
     return tensor
@@ -897,10 +899,15 @@ def read_plan(
         group.requests.append(req)
 
     targets: dict[int, torch.Tensor] = {}
+    views: dict[int, torch.Tensor] = {}  # conjugate or negative views, filled through a plain buffer
     for group in groups.values():
         for req in group.requests:
             if req.type != LoadItemType.BYTE_IO:
-                targets[id(req)] = planner.resolve_tensor(req).detach()
+                target = planner.resolve_tensor(req).detach()
+                if target.is_conj() or target.is_neg():  # bytes land in a plain buffer, copied through the view
+                    views[id(req)] = target
+                    target = torch.empty(target.shape, dtype=target.dtype, device=target.device)
+                targets[id(req)] = target
 
     paths: dict[str, str] = {}
 
@@ -959,4 +966,7 @@ def read_plan(
     for group in groups.values():
         for req in group.requests:
             if req.type != LoadItemType.BYTE_IO:
-                planner.commit_tensor(req, targets[id(req)])
+                view = views.get(id(req))
+                if view is not None:
+                    view.copy_(targets[id(req)])
+                planner.commit_tensor(req, targets[id(req)] if view is None else view)

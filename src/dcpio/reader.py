@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import sys
 import uuid
 from typing import Any
 
@@ -31,7 +32,7 @@ from torch.futures import Future
 from dcpio import knobs
 from dcpio._runtime import end_gc_pause, start_gc_pause
 from dcpio.engine import ReadOptions, read_plan
-from dcpio.errors import CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
+from dcpio.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
 from dcpio.integrity.paths import check_relative_path, check_stays_inside
 from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.movers.base import FileSystemBase
@@ -40,6 +41,18 @@ from dcpio.transforms import ExtensionRegistry
 from dcpio.writer import METADATA_NAME, metadata_path
 
 __all__ = ["FileSystemReader"]
+
+_TORCH_LOADER = "torch.distributed.checkpoint.state_dict_loader"
+
+
+def _called_by_torch_load() -> bool:
+    """Whether the caller's caller is torch's ``dcp.load`` (which rewraps read_metadata's errors as text)."""
+    frame = sys._getframe(2)
+    for _ in range(4):  # a subclass's read_metadata may stand between
+        if frame is None or frame.f_globals.get("__name__") == _TORCH_LOADER:
+            return frame is not None
+        frame = frame.f_back
+    return False
 
 
 class FileSystemReader(StorageReader):
@@ -86,6 +99,8 @@ class FileSystemReader(StorageReader):
         self.rank: int | None = None
         self.is_coordinator = False
         self.use_collectives = True
+        self._deferred: BaseException | None = None
+        self._per_rank_present = False
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.storage_data = {}
@@ -97,9 +112,26 @@ class FileSystemReader(StorageReader):
         return metadata_path(self.fs, self.path, rank)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        """Parse ``.metadata`` (or ``__{rank}.metadata``) without running code from it."""
+        """Parse ``.metadata`` (or ``__{rank}.metadata``) without running code from it.
+
+        Called directly, a failure raises dcpio's error. Called by ``dcp.load``, a failure is raised from
+        :meth:`set_up_storage_reader` instead (the next call torch makes): torch 2.13 replaces any exception from
+        ``read_metadata`` by an ``AssertionError`` carrying only its text, while an exception from
+        ``set_up_storage_reader`` reaches the caller as ``CheckpointException.failures[rank][0]``, the error object.
+        """
         rank = kwargs.get("rank")
+        self._deferred = None
+        try:
+            return self._read_metadata(rank)
+        except (CheckpointError, OSError) as err:
+            if not _called_by_torch_load() or (rank is None and self._per_rank_present):
+                raise  # a direct call; or torch goes on to read the per-rank metadata next
+            self._deferred = err
+            return Metadata(state_dict_metadata={}, storage_data={}, storage_meta=StorageMeta(load_id=self.load_id))
+
+    def _read_metadata(self, rank: int | None) -> Metadata:
         path = self._metadata_path(rank)
+        self._per_rank_present = False
         if not self.fs.exists(path):
             self._explain_missing(path)
         data = self.fs.read_file(path, knobs.max_metadata_bytes())
@@ -120,7 +152,13 @@ class FileSystemReader(StorageReader):
         except (OSError, NotADirectoryError) as err:
             raise IncompleteCheckpointError(f"{root}: not a checkpoint directory ({err})") from err
         per_rank = sorted(n for n in names if n.startswith("__") and n.endswith(METADATA_NAME))
+        if METADATA_NAME in names and not metadata_path.endswith("/" + METADATA_NAME):
+            raise IncompleteCheckpointError(
+                f"{metadata_path} is missing, but {root} holds a global {METADATA_NAME}: the checkpoint was saved "
+                "with collectives; load it with dcp.load's defaults (the global metadata failed to load first)."
+            )
         if per_rank and metadata_path.endswith("/" + METADATA_NAME):
+            self._per_rank_present = True
             raise IncompleteCheckpointError(
                 f"{metadata_path} is missing, but {root} holds per-rank metadata ({', '.join(per_rank[:4])}): it was "
                 "saved with use_collectives=False. Load it the same way (dcp.load(..., use_collectives=False)) on "
@@ -138,6 +176,9 @@ class FileSystemReader(StorageReader):
         )
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            raise deferred  # read_metadata's failure, raised where torch passes the error object on
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)

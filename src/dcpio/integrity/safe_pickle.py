@@ -426,8 +426,8 @@ def restricted_loads(data: bytes, where: str) -> Any:
         raise type(err)(f"{where}: {err}. The file was crafted or damaged; restore it or load an earlier one.") from err
     except Exception as err:  # any parse failure of untrusted bytes is corruption, whatever pickle raised
         raise CorruptCheckpointError(
-            f"{where}: not a readable checkpoint metadata file ({type(err).__name__}: {_short(err)}). The file is "
-            "damaged or truncated; restore it or load an earlier checkpoint."
+            f"{where}: the metadata file is there but damaged: it cannot be parsed ({type(err).__name__}: "
+            f"{_short(err)}). Restore it from a good copy or load an earlier checkpoint."
         ) from err
 
 
