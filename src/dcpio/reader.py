@@ -20,6 +20,7 @@ import os
 import pickle
 import sys
 import uuid
+from types import FrameType
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ _TORCH_LOADER = "torch.distributed.checkpoint.state_dict_loader"
 
 def _called_by_torch_load() -> bool:
     """Whether the caller's caller is torch's ``dcp.load`` (which rewraps read_metadata's errors as text)."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(4):  # a subclass's read_metadata may stand between
         if frame is None or frame.f_globals.get("__name__") == _TORCH_LOADER:
             return frame is not None
