@@ -343,8 +343,11 @@ class _ExactUnpickler(_PyUnpickler):  # type: ignore[misc]
         return self._persistent(pid)
 
     def _nest(self) -> None:
+        # a tuple not in the table holds no tuples (depth 1); only deeper ones are recorded
         value = self.stack[-1]
-        depth = 1 + max((self._depth.get(id(v), (None, 0))[1] for v in value), default=0)
+        depth = 1 + max(
+            (self._depth[id(v)][1] if id(v) in self._depth else int(type(v) is tuple) for v in value), default=0
+        )
         if depth > MAX_DEPTH:
             raise CorruptCheckpointError(f"values nested more than {MAX_DEPTH} levels deep")
         if depth > 1:
