@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from dcpio._runtime import gc_paused
 from dcpio.errors import CorruptCheckpointError, UnsafeCheckpointError
+from dcpio.integrity.paths import check_relative_path
 
 __all__ = ["ALLOWED_GLOBALS", "FrozenCallable", "guarded_loads", "load_metadata", "restricted_loads"]
 
@@ -635,17 +636,21 @@ def _check_entry(index: Any, info: Any) -> tuple[str, tuple[int, ...]]:
     return index.fqn, offset
 
 
-def _check_storage(storage: object, chunks: dict[str, list[tuple[int, ...]]]) -> None:
+def _check_storage(storage: object, chunks: dict[str, list[tuple[int, ...]]], where: str) -> None:
     if storage is None:
         return
     if type(storage) is not dict:
         raise _Bad(f"storage_data is {_name(storage)}, not a dict")
     stored: set[tuple[str, Any]] = set()
+    files: dict[str, str] = {}
     for index, info in storage.items():
         if _entry_is_plain(index, info):
             stored.add((index.fqn, index.offset))
         else:
             stored.add(_check_entry(index, info))
+        files.setdefault(info.relative_path, index.fqn)
+    for name, fqn in files.items():  # a handful of files: confined once each
+        check_relative_path(name, f"{where}: item '{fqn}'")
     for fqn, offsets in chunks.items():
         for offset in offsets:
             if (fqn, offset) not in stored:
@@ -669,7 +674,7 @@ def _check_storage_meta(meta: object) -> None:
         raise _Bad(f"storage_meta.modules is {_name(modules)}, not a list of strings")
 
 
-def _validate(md: object) -> _md.Metadata:
+def _validate(md: object, where: str) -> _md.Metadata:
     _fields(md, _md.Metadata, "the top-level object")
     assert isinstance(md, _md.Metadata)  # for the type checker; _fields checked the exact type
     if type(md.state_dict_metadata) is not dict:
@@ -684,7 +689,7 @@ def _validate(md: object) -> _md.Metadata:
             _fields(item, _md.BytesStorageMetadata, f"item '{fqn}'")
         else:
             raise _Bad(f"item '{fqn}' is {_name(item)}")
-    _check_storage(md.storage_data, chunks if type(md.storage_data) is dict else {})
+    _check_storage(md.storage_data, chunks if type(md.storage_data) is dict else {}, where)
     _check_storage_meta(md.storage_meta)
     _optional_str(md.version, "version")
     _check_planner_data(md.planner_data)
@@ -714,7 +719,7 @@ def validate_metadata(md: object, where: str) -> _md.Metadata:
         metadata = validate_metadata(pickle_result, "ckpt/.metadata")
     """
     try:
-        return _validate(md)
+        return _validate(md, where)
     except _Bad as err:
         raise _bad(where, str(err)) from None
     except (AttributeError, TypeError, ValueError, RecursionError) as err:
