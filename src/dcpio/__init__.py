@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from dcpio.engine.sources import IOStats
     from dcpio.formats.hf import HuggingFaceStorageReader, HuggingFaceStorageWriter, consolidate_safetensors_files
     from dcpio.fsspec_storage import FsspecReader, FsspecWriter
+    from dcpio.install import install, installed, uninstall
     from dcpio.manager import CheckpointManager
     from dcpio.movers.base import FileSystemBase
     from dcpio.movers.local import FileSystem
@@ -70,6 +71,9 @@ __all__ = [
     "ZStandard",
     "__version__",
     "consolidate_safetensors_files",
+    "install",
+    "installed",
+    "uninstall",
 ]
 
 # Everything that needs torch loads on first use: `import dcpio` (and so `dcpio --help`, `dcpio --version` and the
@@ -87,6 +91,9 @@ _LAZY = {
     "StreamTransformExtension": "dcpio.transforms",
     "ZStandard": "dcpio.transforms",
     "CheckpointManager": "dcpio.manager",
+    "install": "dcpio.install",
+    "installed": "dcpio.install",
+    "uninstall": "dcpio.install",
     "FsspecWriter": "dcpio.fsspec_storage",
     "FsspecReader": "dcpio.fsspec_storage",
     "HuggingFaceStorageWriter": "dcpio.formats.hf",

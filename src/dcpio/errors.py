@@ -10,7 +10,8 @@ Hierarchy::
     ├── CorruptCheckpointError      bytes on storage do not match what was written (checksum, truncation, structure)
     ├── UnsafeCheckpointError       metadata or a file name tries to run code or escape the checkpoint directory
     ├── IncompleteCheckpointError   no committed metadata: the save never finished, or this is not a checkpoint
-    ├── CheckpointExistsError       ``overwrite=False`` and a committed checkpoint is already there
+    ├── CheckpointExistsError       ``overwrite=False`` and a committed checkpoint is already there (also a
+    │                               ``RuntimeError`` saying "Checkpoint already exists", as torch's writer does)
     ├── StorageFullError            the device ran out of space (ENOSPC / EDQUOT) during a save
     ├── CheckpointWriteError        any other failure while writing
     ├── CheckpointReadError         any other failure while reading
@@ -48,8 +49,26 @@ class IncompleteCheckpointError(CheckpointError):
     """There is no committed metadata: the save never finished, or the path is not a checkpoint."""
 
 
-class CheckpointExistsError(CheckpointError):
-    """A committed checkpoint is already there and the writer was told not to overwrite it."""
+class CheckpointExistsError(CheckpointError, RuntimeError):
+    """A committed checkpoint is already there and the writer was told not to overwrite it.
+
+    Also a ``RuntimeError`` whose message contains torch's phrase "Checkpoint already exists", so code written
+    against torch's ``FileSystemWriter`` (``except RuntimeError``, ``match="Checkpoint already exists"``) keeps working.
+
+    Example::
+
+        try:
+            dcp.save(sd, storage_writer=dcpio.FileSystemWriter(path, overwrite=False))
+        except dcpio.CheckpointExistsError:
+            ...
+    """
+
+    TORCH_PHRASE = "Checkpoint already exists"
+
+    def __init__(self, message: str = "") -> None:
+        if self.TORCH_PHRASE not in message:
+            message = f"{message} ({self.TORCH_PHRASE}.)" if message else f"{self.TORCH_PHRASE}."
+        super().__init__(message)
 
 
 class StorageFullError(CheckpointError):

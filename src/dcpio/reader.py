@@ -20,9 +20,11 @@ import io
 import logging
 import os
 import pickle
+import sys
 import time
 import uuid
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 import torch
@@ -36,7 +38,13 @@ from dcpio import collectives, knobs, shared_reads
 from dcpio._runtime import end_gc_pause, start_gc_pause
 from dcpio.commit.saves import check_consistent
 from dcpio.engine import IOStats, ReadOptions, read_plan
-from dcpio.errors import CheckpointReadError, CorruptCheckpointError, IncompleteCheckpointError, UnsafeCheckpointError
+from dcpio.errors import (
+    CheckpointError,
+    CheckpointReadError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    UnsafeCheckpointError,
+)
 from dcpio.integrity.paths import check_relative_path, check_stays_inside
 from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.movers.adapter import as_mover
@@ -48,6 +56,17 @@ from dcpio.writer import METADATA_NAME, metadata_path
 __all__ = ["FileSystemReader"]
 
 _log = logging.getLogger("dcpio")
+_TORCH_LOADER = "torch.distributed.checkpoint.state_dict_loader"
+
+
+def _called_by_torch_load() -> bool:
+    """Whether the caller's caller is torch's ``dcp.load`` (which rewraps read_metadata's errors as text)."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(4):  # a subclass's read_metadata may stand between
+        if frame is None or frame.f_globals.get("__name__") == _TORCH_LOADER:
+            return frame is not None
+        frame = frame.f_back
+    return False
 
 
 class FileSystemReader(StorageReader):
@@ -108,6 +127,8 @@ class FileSystemReader(StorageReader):
         self.is_coordinator = False
         self.use_collectives = True
         self.stats = IOStats()
+        self._deferred: BaseException | None = None
+        self._per_rank_present = False
 
     @property
     def fs(self) -> FileSystemBase:
@@ -128,9 +149,26 @@ class FileSystemReader(StorageReader):
         return metadata_path(self.fs, self.path, rank)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        """Parse ``.metadata`` (or ``__{rank}.metadata``) without running code from it."""
+        """Parse ``.metadata`` (or ``__{rank}.metadata``) without running code from it.
+
+        Called directly, a failure raises dcpio's error. Called by ``dcp.load``, a failure is raised from
+        :meth:`set_up_storage_reader` instead (the next call torch makes): torch 2.13 replaces any exception from
+        ``read_metadata`` by an ``AssertionError`` carrying only its text, while an exception from
+        ``set_up_storage_reader`` reaches the caller as ``CheckpointException.failures[rank][0]``, the error object.
+        """
         rank = kwargs.get("rank")
+        self._deferred = None
+        try:
+            return self._read_metadata(rank)
+        except (CheckpointError, OSError) as err:
+            if not _called_by_torch_load() or (rank is None and self._per_rank_present):
+                raise  # a direct call; or torch goes on to read the per-rank metadata next
+            self._deferred = err
+            return Metadata(state_dict_metadata={}, storage_data={}, storage_meta=StorageMeta(load_id=self.load_id))
+
+    def _read_metadata(self, rank: int | None) -> Metadata:
         path = self._metadata_path(rank)
+        self._per_rank_present = False
         # the global file is read by one rank of the load and its bytes broadcast (see dcpio.collectives); every
         # rank parses them with the restricted unpickler itself. A per-rank file is each rank's own
         group = self.process_group if rank is None and self._sharing() else None
@@ -165,7 +203,13 @@ class FileSystemReader(StorageReader):
         except (OSError, NotADirectoryError) as err:
             raise IncompleteCheckpointError(f"{root}: not a checkpoint directory ({err})") from err
         per_rank = sorted(n for n in names if n.startswith("__") and n.endswith(METADATA_NAME))
+        if METADATA_NAME in names and not metadata_path.endswith("/" + METADATA_NAME):
+            raise IncompleteCheckpointError(
+                f"{metadata_path} is missing, but {root} holds a global {METADATA_NAME}: the checkpoint was saved "
+                "with collectives; load it with dcp.load's defaults (the global metadata failed to load first)."
+            )
         if per_rank and metadata_path.endswith("/" + METADATA_NAME):
+            self._per_rank_present = True
             raise IncompleteCheckpointError(
                 f"{metadata_path} is missing, but {root} holds per-rank metadata ({', '.join(per_rank[:4])}): it was "
                 "saved with use_collectives=False. Load it the same way (dcp.load(..., use_collectives=False)) on "
@@ -183,6 +227,9 @@ class FileSystemReader(StorageReader):
         )
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            raise deferred  # read_metadata's failure, raised where torch passes the error object on
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)

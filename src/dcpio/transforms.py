@@ -14,9 +14,17 @@ from typing import IO, Any, cast
 from torch.distributed.checkpoint._extension import Extension as _TorchExtension
 from torch.distributed.checkpoint._extension import StreamTransformExtension as _TorchStreamTransform
 
-from dcpio.errors import CheckpointReadError
+from dcpio.errors import CheckpointReadError, CorruptCheckpointError
 
-__all__ = ["Extension", "ExtensionRegistry", "StreamTransformExtension", "ZStandard", "apply_decode", "encoder_chain"]
+__all__ = [
+    "Extension",
+    "ExtensionRegistry",
+    "StreamTransformExtension",
+    "ZStandard",
+    "apply_decode",
+    "decode_limit",
+    "encoder_chain",
+]
 
 Extension = _TorchExtension
 StreamTransformExtension = _TorchStreamTransform
@@ -136,18 +144,50 @@ def encode(extensions: Sequence[_TorchStreamTransform], pieces: Sequence[memoryv
     return sink.parts
 
 
-def apply_decode(registry: Any, descriptors: Sequence[str], stored: bytes) -> bytearray:
+# a torch.save record around a tensor's bytes: zip headers, data.pkl, alignment; generous, yet tiny next to a bomb
+_ENVELOPE_SLACK = 1 << 20
+# a non-tensor value has no recorded decoded size: allow what no real pickled object needs from a compressed item
+_BYTES_RATIO = 64
+_BYTES_FLOOR = 256 << 20
+
+
+def decode_limit(expected: tuple[Any, tuple[int, ...]] | None, stored_length: int) -> int:
+    """The most bytes undoing an item's transforms may produce.
+
+    A tensor item holds its recorded chunk (``expected``: dtype and sizes from the metadata) plus a record envelope;
+    a value item, at most :data:`_BYTES_RATIO` times its stored size (with a floor).
+    """
+    if expected is not None:
+        dtype, sizes = expected
+        numel = 1
+        for s in sizes:
+            numel *= s
+        return numel * dtype.itemsize + _ENVELOPE_SLACK
+    return max(_BYTES_FLOOR, _BYTES_RATIO * stored_length)
+
+
+def apply_decode(
+    registry: Any, descriptors: Sequence[str], stored: bytes, limit: int | None = None, where: str = "item"
+) -> bytearray:
     """Undo the transforms named by ``descriptors`` (as recorded at save time) on ``stored`` bytes.
 
-    Returns a writable buffer, so tensors can be viewed on it without a further copy.
+    Output is produced in bounded steps and refused once it passes ``limit`` bytes (a decompression bomb is stopped
+    there, not after it filled memory). Returns a writable buffer, so tensors can be viewed on it without a copy.
     """
     stream: IO[bytes] = io.BytesIO(stored)
     for ext in registry.from_descriptor_list(descriptors):
         if isinstance(ext, _TorchStreamTransform):
             stream = ext.transform_from(stream)
     out = bytearray()
+    cap = limit if limit is not None else max(_BYTES_FLOOR, _BYTES_RATIO * len(stored))
     while True:
-        chunk = stream.read(4 << 20)
+        chunk = stream.read(min(4 << 20, cap + 1 - len(out)))
         if not chunk:
             return out
         out += chunk
+        if len(out) > cap:
+            raise CorruptCheckpointError(
+                f"{where}: undoing the stream transforms {list(descriptors)} of a {len(stored)}-byte item produces "
+                f"more than the {cap} bytes the metadata allows for it (a decompression bomb, or damaged metadata); "
+                "refused. Restore the file or load an earlier checkpoint."
+            )

@@ -41,7 +41,7 @@ from dcpio.integrity.checksum import ATTRIBUTE, BlockChecksums
 from dcpio.integrity.tiles import TILE_ATTRIBUTE, TileChecksums
 from dcpio.movers.base import FileSystemBase, ReadHandle
 from dcpio.tensor_bytes import byte_view, is_dense_cpu, thread_scratch
-from dcpio.transforms import apply_decode
+from dcpio.transforms import apply_decode, decode_limit
 
 __all__ = ["ReadOptions", "capabilities", "read_plan"]
 
@@ -135,6 +135,7 @@ class _Load:
     targets: dict[int, torch.Tensor]
     stats: IOStats
     byte_data: dict[int, bytes] = field(default_factory=dict)
+    views: dict[int, torch.Tensor] = field(default_factory=dict)  # conjugate or negative destinations
 
 
 def _checksums(info: _StorageInfo, where: str) -> BlockChecksums | None:
@@ -206,7 +207,7 @@ def read_plan(
         for group in groups:
             if not group.is_bytes:
                 for req in group.requests:
-                    load.targets[id(req)] = planner.resolve_tensor(req).detach()
+                    _resolve_target(req, planner, load)
         stored = [_prepare(group, load) for group in groups]
         load.caps = {item.path: capabilities(sources(item.path).handle) for item in stored}
         located = {g.key for g in groups if g.predicted is not None}
@@ -250,7 +251,19 @@ def _hand_over(
     for group in groups:
         if not group.is_bytes:
             for req in group.requests:
-                planner.commit_tensor(req, load.targets[id(req)])
+                view = load.views.get(id(req))
+                if view is not None:
+                    view.copy_(load.targets[id(req)])
+                planner.commit_tensor(req, load.targets[id(req)] if view is None else view)
+
+
+def _resolve_target(req: ReadItem, planner: LoadPlanner, load: _Load) -> None:
+    target = planner.resolve_tensor(req).detach()
+    if target.is_conj() or target.is_neg():
+        # a lazy view's raw memory is not its value: the bytes land in a plain buffer, copied through the view
+        load.views[id(req)] = target
+        target = torch.empty(target.shape, dtype=target.dtype, device=target.device)
+    load.targets[id(req)] = target
 
 
 def _run_fetches(fetches: list[Fetch], groups: list[_Group], load: _Load) -> None:
@@ -306,12 +319,12 @@ def _serve_fetched(memory: MemorySource, group: _Group, load: _Load) -> None:
         _verify_whole(memory, group, load)
         raw = bytes(byte_view(stored)) if info.length else b""
         if group.is_bytes:
-            load.byte_data[group.key] = (
-                _decode(load.opts, info, raw, group.where) if info.transform_descriptors else raw
-            )
+            transformed = bool(info.transform_descriptors)
+            load.byte_data[group.key] = _decode(load.opts, info, raw, group.where, None) if transformed else raw
             return
         try:
-            decoded = _decode(load.opts, info, raw, group.where)
+            expected = load.opts.expected(group.requests[0].storage_index)
+            decoded = _decode(load.opts, info, raw, group.where, expected)
         except CheckpointError as err:
             # torch's SAFETENSORS layout with a transform: the item's bytes start with an empty frame and run into
             # whatever follows it, so they do not decode as a whole; the blob behind the frames says where it is
@@ -372,9 +385,10 @@ def _serve_after_frames(group: _Group, load: _Load, decode_error: CheckpointErro
     _execute(source, layout, group, load, load.caps[group.path], load.opts.verify)
 
 
-def _decode(opts: ReadOptions, info: _StorageInfo, stored: bytes, where: str) -> bytes:
+def _decode(opts: ReadOptions, info: _StorageInfo, stored: bytes, where: str, expected: Expected) -> bytes:
+    limit = decode_limit(expected, len(stored))  # a decompression bomb stops at what the item can hold
     try:
-        return bytes(apply_decode(opts.registry, info.transform_descriptors or (), stored))
+        return bytes(apply_decode(opts.registry, info.transform_descriptors or (), stored, limit, where))
     except CheckpointError:
         raise
     except Exception as err:  # a damaged compressed stream may fail in any way inside the codec

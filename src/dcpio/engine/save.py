@@ -71,6 +71,8 @@ def _cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.to("cpu")
+    if tensor.is_conj() or tensor.is_neg():  # lazy views: their raw memory is not their value
+        tensor = tensor.resolve_conj().resolve_neg()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
     return tensor

@@ -19,7 +19,6 @@ against its storage record.
 
 from __future__ import annotations
 
-import io
 import pickle
 import struct
 import zlib
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from dcpio.errors import CorruptCheckpointError, UnsafeCheckpointError
+from dcpio.integrity.safe_pickle import FrozenCallable, guarded_loads
 from dcpio.knobs import max_record_header_bytes
 
 __all__ = ["ZIP_MAGIC", "TensorRecord", "c_strides", "encode_envelope", "parse_tensor_item", "parse_verified_head"]
@@ -267,38 +267,45 @@ def _rebuild_v3(
     return _Rebuilt(storage, storage_offset, tuple(size), tuple(stride), dtype)
 
 
-class _RecordUnpickler(pickle.Unpickler):
-    """Records what torch's rebuild functions would get; resolves no other name."""
+_REBUILD_V2 = FrozenCallable("_rebuild_tensor_v2", _rebuild_v2)
+_REBUILD_V3 = FrozenCallable("_rebuild_tensor_v3", _rebuild_v3)
 
-    def __init__(self, data: bytes, where: str) -> None:
-        super().__init__(io.BytesIO(data))
-        self._where = where
 
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_v2
-        if module == "torch._utils" and name == "_rebuild_tensor_v3":
-            return _rebuild_v3
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "torch" and name in _STORAGE_DTYPE:
-            return _StorageType(_STORAGE_DTYPE[name])
-        if module == "torch.storage" and name == "UntypedStorage":
-            return _StorageType(None)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise UnsafeCheckpointError(
-            f"{self._where}: the tensor record names '{module}.{name}', which a plain tensor never needs; "
-            "refusing to load it (it could run code). The file was crafted or damaged."
-        )
+def _record_class(module: str, name: str, where: str) -> Any:
+    """Resolve a name in a tensor record's pickle: only what torch's rebuild of a plain tensor needs."""
+    if module == "torch._utils" and name == "_rebuild_tensor_v2":
+        return _REBUILD_V2
+    if module == "torch._utils" and name == "_rebuild_tensor_v3":
+        return _REBUILD_V3
+    if module == "collections" and name == "OrderedDict":
+        return OrderedDict
+    if module == "torch" and name in _STORAGE_DTYPE:
+        return _StorageType(_STORAGE_DTYPE[name])
+    if module == "torch.storage" and name == "UntypedStorage":
+        return _StorageType(None)
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    raise UnsafeCheckpointError(
+        f"{where}: the tensor record names '{module}.{name}', which a plain tensor never needs; "
+        "refusing to load it (it could run code). The file was crafted or damaged."
+    )
 
-    def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise CorruptCheckpointError(f"{self._where}: unexpected storage reference {pid!r} in tensor record")
-        _, stype, key, _location, count = pid
-        if not isinstance(key, str) or not isinstance(count, int) or count < 0:
-            raise CorruptCheckpointError(f"{self._where}: malformed storage reference {pid!r} in tensor record")
-        return _StorageRef(stype.dtype, key, count)
+
+def _storage_ref(pid: Any, where: str) -> _StorageRef:
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+        raise CorruptCheckpointError(f"{where}: unexpected storage reference in tensor record")
+    _, stype, key, _location, count = pid
+    if not isinstance(key, str) or type(count) is not int or not 0 <= count < 1 << 62:
+        raise CorruptCheckpointError(f"{where}: malformed storage reference in tensor record")
+    return _StorageRef(stype.dtype, key, count)
+
+
+def _load_record(pkl: bytes, where: str) -> Any:
+    # memory and nesting bounded by the record's size, and BUILD cannot reach anything but fresh objects
+    return guarded_loads(pkl, lambda module, name: _record_class(module, name, where), lambda p: _storage_ref(p, where))
+
+
+_MAX_INT = 1 << 62  # far beyond any real size, far below what breaks int -> str in messages
 
 
 def _corrupt(where: str, what: str) -> CorruptCheckpointError:
@@ -423,7 +430,7 @@ def _tensor_record(
 ) -> TensorRecord:
     """Validate the pickle of a tensor record and where its storage record lies; build the :class:`TensorRecord`."""
     try:
-        obj = _RecordUnpickler(pkl, where).load()
+        obj = _load_record(pkl, where)
     except (UnsafeCheckpointError, CorruptCheckpointError):
         raise
     except Exception as err:  # a damaged pickle may raise anything; all of it is corruption
@@ -434,10 +441,8 @@ def _tensor_record(
     if not isinstance(dtype, torch.dtype):
         raise _corrupt(where, "tensor record has no dtype")
     if not (
-        all(isinstance(v, int) and v >= 0 for v in obj.size + obj.stride)
-        and isinstance(obj.storage_offset, int)
-        and obj.storage_offset >= 0
-        and len(obj.size) == len(obj.stride)
+        len(obj.size) == len(obj.stride) <= 64
+        and all(type(v) is int and 0 <= v < _MAX_INT for v in (*obj.size, *obj.stride, obj.storage_offset))
     ):
         raise _corrupt(where, "tensor record has an invalid size, stride or offset")
     storage_bytes = obj.storage.count * (1 if obj.storage.dtype is None else dtype.itemsize)

@@ -27,6 +27,7 @@ __all__ = ["ALGORITHM", "ATTRIBUTE", "BlockChecksums", "BlockHasher", "verify_pi
 ALGORITHM = "xxh3-64"
 ATTRIBUTE = "dcpio_checksum"
 _DIGEST = 8
+_MAX_INT = 1 << 62  # untrusted integers: far beyond any file, far below what breaks int -> str
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,9 @@ class BlockChecksums:
             isinstance(record, tuple)
             and len(record) in (5, 7)
             and record[0] == ALGORITHM
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in record[1:4])
+            and all(type(v) is int and 0 <= v < _MAX_INT for v in record[1:4])
             and isinstance(record[4], bytes)
-            and (len(record) == 5 or (isinstance(record[5], int) and isinstance(record[6], bytes)))
+            and (len(record) == 5 or (type(record[5]) is int and record[5] < _MAX_INT and isinstance(record[6], bytes)))
         )
         if not ok:
             raise CorruptCheckpointError(

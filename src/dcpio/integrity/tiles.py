@@ -39,6 +39,7 @@ __all__ = [
 
 TILE_ALGORITHM = "xxh3-64-tiles"
 TILE_ATTRIBUTE = "dcpio_tiles"
+_MAX_INT = 1 << 62  # untrusted integers: far beyond any file, far below what breaks int -> str
 _DIGEST = 8
 _MAX_SEGMENTS = 8
 # a segment shorter than this costs more in per-tile work than a wider read would
@@ -137,7 +138,7 @@ class TileChecksums:
             isinstance(record, tuple)
             and len(record) == 7
             and record[0] == TILE_ALGORITHM
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in record[1:6])
+            and all(type(v) is int and 0 <= v < _MAX_INT for v in record[1:6])
             and isinstance(record[6], bytes)
         )
         fields: tuple[int, ...] = tuple(record[1:6]) if ok else (0, 0, 0, 0, 0)  # type: ignore[index]

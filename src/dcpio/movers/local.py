@@ -16,6 +16,7 @@ import errno
 import io
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Generator, Sequence
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from typing import cast
 
 import torch
 
-from dcpio.errors import CheckpointReadError, CheckpointWriteError, StorageFullError
+from dcpio.errors import CheckpointReadError, CheckpointWriteError, StorageFullError, UnsafeCheckpointError
 from dcpio.movers.base import FileSystemBase, PathLike, ReadHandle, WriteHandle, _truncated
 
 __all__ = ["FileSystem", "LocalReadHandle", "LocalWriteHandle", "mapped_bytes_read", "write_error"]
@@ -140,11 +141,37 @@ class LocalWriteHandle(WriteHandle):
                 pass
 
 
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def _open_regular(path: str) -> int:
+    """Open ``path`` for reading only if it is a regular file, never through a final symlink.
+
+    O_NONBLOCK keeps the open of a FIFO from waiting for a writer forever; the flag is dropped again once the file is
+    known to be regular (it means nothing for regular files, but stays off for clarity).
+    """
+    fd = os.open(path, _READ_FLAGS | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device"
+            raise UnsafeCheckpointError(
+                f"{path}: is {kind}, not a regular file; a checkpoint's files are plain files. Something replaced "
+                "it; remove it and restore the file from a good copy."
+            )
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class LocalReadHandle(ReadHandle):
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._fd: int | None = _open_regular(path)
         except FileNotFoundError as err:
             raise FileNotFoundError(
                 errno.ENOENT,
@@ -155,6 +182,11 @@ class LocalReadHandle(ReadHandle):
         except PermissionError as err:
             raise PermissionError(errno.EACCES, f"{path}: permission denied; check the file's mode", path) from err
         except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise UnsafeCheckpointError(
+                    f"{path}: is a symbolic link; dcpio opens checkpoint files without following links (one could "
+                    "be swapped in after the path was checked). Copy the real file into the checkpoint instead."
+                ) from err
             raise CheckpointReadError(f"{path}: cannot open: {err.strerror or err}") from err
         self._size = os.fstat(self._fd).st_size
         self._map_lock = threading.Lock()
