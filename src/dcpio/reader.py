@@ -161,7 +161,7 @@ class FileSystemReader(StorageReader):
         try:
             return self._read_metadata(rank)
         except (CheckpointError, OSError) as err:
-            if not _called_by_torch_load() or (rank is None and self._per_rank_present):
+            if not _called_by_torch_load() or (rank is None and self._has_per_rank_metadata()):
                 raise  # a direct call; or torch goes on to read the per-rank metadata next
             self._deferred = err
             return Metadata(state_dict_metadata={}, storage_data={}, storage_meta=StorageMeta(load_id=self.load_id))
@@ -179,6 +179,16 @@ class FileSystemReader(StorageReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
         return metadata
+
+    def _has_per_rank_metadata(self) -> bool:
+        """Per-rank metadata lies beside the global one: torch falls back to it when the global read fails."""
+        if self._per_rank_present:
+            return True
+        try:
+            names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(str(self.path))]
+        except (OSError, NotImplementedError):
+            return False
+        return any(n.startswith("__") and n.endswith(METADATA_NAME) for n in names)
 
     def _sharing(self) -> bool:
         if self.replicated_reads == collectives.AUTO:
