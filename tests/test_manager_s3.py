@@ -197,3 +197,19 @@ def test_uploader_killed_mid_way_then_resume(tmp_path: Path, s3: S3Endpoint) -> 
 
 if __name__ == "__main__":
     _child(*sys.argv[1:])
+
+
+def test_cli_ls_and_prune_on_s3(s3: S3Endpoint, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    from dcpio.cli.main import EXIT_OK, main
+
+    mgr = dcpio.CheckpointManager(s3.url("run"), storage_options=s3.storage_options)
+    for step in (1, 2, 3):
+        mgr.save(step, state_for(step))
+    opts = [f"-o{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in s3.storage_options.items()]
+    assert main(["ls", "--json", s3.url("run"), *opts]) == EXIT_OK
+    listed = json.loads(capsys.readouterr().out)
+    assert [(i["step"], i["tier"], i["committed"]) for i in listed] == [(s, "durable", True) for s in (1, 2, 3)]
+    assert all(i["size"] > 0 and i["files"] == 2 for i in listed)
+    assert main(["prune", s3.url("run"), "--keep", "1", *opts]) == EXIT_OK
+    assert "deleted 2 committed step(s): 1, 2" in capsys.readouterr().out
+    assert durable_steps(s3, "run") == {3: True}

@@ -37,6 +37,7 @@ class StepInfo:
         step: the step number.
         tier: ``"local"`` or ``"durable"``.
         committed: its ``.metadata`` exists and parses.
+        damaged: its ``.metadata`` exists and does not parse (never swept; recover or delete it by hand).
         size: bytes of every file in it.
         files: how many files.
         mtime: newest modification time of anything in it (seconds since the epoch).
@@ -50,6 +51,7 @@ class StepInfo:
     files: int
     mtime: float
     path: str
+    damaged: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -421,7 +423,7 @@ class CheckpointManager:
         if not apply:
             return decision
         done = [s for s, ok in decision.durable.items() if ok]
-        stale = {s: scan.newest_mtime for s, scan in durable.items() if not decision.durable[s]}
+        stale = _never_committed(durable)
         decision.delete_durable = policy.to_delete(done, self.keep_last, self.keep_every)
         decision.delete_durable += policy.leftovers(stale, now, self.leftover_grace_s, busy)
         if self.local is not None:
@@ -433,7 +435,7 @@ class CheckpointManager:
             local_done = [s for s, ok in decision.local.items() if ok]
             extra = policy.to_delete(local_done, self.local_keep_last, None)
             decision.delete_local = [s for s in extra if s not in busy and uploaded(s)]
-            stale = {s: scan.newest_mtime for s, scan in local.items() if not decision.local[s]}
+            stale = _never_committed(local)
             decision.delete_local += policy.leftovers(stale, now, self.leftover_grace_s, busy)
         return decision
 
@@ -518,6 +520,20 @@ class CheckpointManager:
             raise record.error
 
 
+def _never_committed(scans: dict[int, StepScan]) -> dict[int, float]:
+    """Steps without a ``.metadata`` (a save that never committed), with their newest mtime.
+
+    A step whose ``.metadata`` is there but does not parse is not committed either, but it is not swept: it was
+    committed once and damaged later, and may still be worth recovering (``dcpio ls`` shows it as damaged).
+    """
+    return {s: scan.newest_mtime for s, scan in scans.items() if METADATA_NAME not in scan.files}
+
+
+def _existing_root(tier: Tier) -> None:
+    if not tier.is_url and not os.path.isdir(tier.root):
+        raise FileNotFoundError(errno.ENOENT, f"{tier.root}: no such directory; check the root's path", tier.root)
+
+
 def _delete_quietly(tier: Tier, step: int) -> None:
     try:
         tier.delete(step)
@@ -557,12 +573,12 @@ def list_steps(
         tiers.insert(0, Tier(local_root, name="local"))
     out: list[StepInfo] = []
     for tier in tiers:
+        _existing_root(tier)
         for step, scan in tier.scan().items():
-            out.append(
-                StepInfo(
-                    step, tier.name, tier.committed(scan), scan.size, len(scan.files), scan.newest_mtime, scan.path
-                )
-            )
+            ok = tier.committed(scan)
+            damaged = not ok and METADATA_NAME in scan.files
+            info = StepInfo(step, tier.name, ok, scan.size, len(scan.files), scan.newest_mtime, scan.path, damaged)
+            out.append(info)
     return sorted(out, key=lambda i: (i.step, i.tier))
 
 
@@ -603,12 +619,12 @@ def prune(
     _check_count("keep_last", keep_last)
     _check_count("keep_every", keep_every)
     tier = Tier(root, name="durable", storage_options=storage_options)
+    _existing_root(tier)
     scans = tier.scan()
     committed = {s: tier.committed(scan) for s, scan in scans.items()}
     done = [s for s, ok in committed.items() if ok]
     deleted = policy.to_delete(done, keep_last, keep_every)
-    stale = {s: scan.newest_mtime for s, scan in scans.items() if not committed[s]}
-    swept = policy.leftovers(stale, time.time(), grace_s, ())
+    swept = policy.leftovers(_never_committed(scans), time.time(), grace_s, ())
     if not dry_run:
         for step in deleted + swept:
             tier.delete(step)
