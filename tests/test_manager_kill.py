@@ -105,13 +105,16 @@ def test_sigkill_during_save_retention_and_upload(tmp_path: Path) -> None:
         assert newest >= reported  # a save that returned is never lost (it may be local only)
 
         durable_before = {s for s, ok in tiers["durable"].items() if ok}
+        # local steps newer than every durable one lost their upload with the process: the next save resumes them
+        resumed = {s for s, ok in tiers["local"].items() if ok and s > max(durable_before, default=-1)}
         nxt = max([reported, *tiers["durable"], *tiers["local"]]) + 1
         mgr = manager(durable, local)
         mgr.save(nxt, full_state(nxt))
         mgr.close()
         after = committed(durable)
         assert all(after.values()), after  # leftovers swept: nothing in flight, grace 0
-        assert sorted(after) == sorted(policy.retained(durable_before | {nxt}, KEEP_LAST, KEEP_EVERY))
+        assert sorted(after) == sorted(policy.retained(durable_before | resumed | {nxt}, KEEP_LAST, KEEP_EVERY))
+        check_loads(durable, sorted(resumed & set(after)))
         assert committed(local) == {nxt: True}
         check_loads(durable, [nxt])
         first = nxt + 1
@@ -184,9 +187,13 @@ def test_a_rank_dying_during_upload_leaves_the_previous_durable_step(tmp_path: P
     assert mgr.load(got) == 2
     assert_state(got, 2, 0)
     assert_state(got, 2, 1)
-    mgr.save(3, state_for(3))
+    mgr.save(3, state_for(3))  # one rank now: it uploads step 2's files of both former ranks, then step 3
     mgr.close()
-    assert committed(durable) == {1: True, 3: True}
+    assert committed(durable) == {2: True, 3: True}
+    got = {**blank_for(0), **blank_for(1), "pad": torch.zeros(_BIG, dtype=torch.int64)}
+    assert dcpio.CheckpointManager(durable).load(got, step=2) == 2
+    assert_state(got, 2, 0)
+    assert_state(got, 2, 1)
 
 
 if __name__ == "__main__":

@@ -90,9 +90,12 @@ def test_upload_runs_in_background_and_its_failure_is_raised(
     got = blank_for()
     assert mgr.load(got) == 2  # the local tier holds it
     assert_state(got, 2)
-    mgr.save(3, state_for(3))
+    mgr.save(3, state_for(3))  # uploads step 2 again (once the store is back), then step 3
     mgr.wait()
-    assert {s for s, ok in durable_steps(ep, "run").items() if ok} == {1, 3}
+    assert durable_steps(ep, "run") == {2: True, 3: True}
+    got = blank_for()
+    assert dcpio.CheckpointManager(ep.url("run"), storage_options=ep.storage_options).load(got, step=2) == 2
+    assert_state(got, 2)
     mgr.close()
 
 
@@ -188,9 +191,11 @@ def test_uploader_killed_mid_way_then_resume(tmp_path: Path, s3: S3Endpoint) -> 
         mgr.save(first + 2, state_for(first + 2))
         mgr.close()
         durable = durable_steps(s3, "run")
-        committed = sorted(s for s, ok in durable.items() if ok)
-        assert committed[-1] == first + 2 and len(committed) <= 2  # keep_last=2 once the next save completed
-        assert all(durable.values())  # the killed upload's objects were swept (grace 0, nothing in flight)
+        # the killed upload of first+1 resumed, and keep_last=2 held once the next save completed
+        assert durable == {first + 1: True, first + 2: True}
+        check = blank_for()
+        assert dcpio.CheckpointManager(url, storage_options=options).load(check, step=first + 1) == first + 1
+        assert check["step"] == first + 1
         assert dirs(local) == [step_name(first + 2)]
         first += 3
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from dcpio.writer import METADATA_NAME
 __all__ = ["CheckpointManager", "PruneReport", "StepInfo", "list_steps", "prune"]
 
 DEFAULT_GRACE_S = 3600.0
+_DATA_FILE_RANK = re.compile(r"^__(\d+)_\d+(\.[0-9a-f]{8})?\.distcp$")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class _Decision:
     token: str = ""
     delete_durable: list[int] = field(default_factory=list)
     delete_local: list[int] = field(default_factory=list)
+    resume: list[int] = field(default_factory=list)
     failure: str | None = None
 
     def committed(self) -> list[int]:
@@ -200,6 +203,7 @@ class CheckpointManager:
         self._lock = threading.Lock()
         self._inflight: set[int] = set()
         self._async: _AsyncSave | None = None
+        self._resume_tried: set[int] = set()
         self._closed = False
         self._uploader = (
             Uploader(self.local, self.durable, threads=upload_threads, timeout_s=upload_timeout_s)
@@ -408,11 +412,13 @@ class CheckpointManager:
             ) from (mine[0][1] if mine else None)
         if apply:
             self._act(decision, statuses)
+            for step in decision.resume:
+                self._upload(step, self._own_files(step), decision.token)
+            self._resume_tried.update(decision.resume)
         return decision
 
     def _decide(self, statuses: Sequence[_RankStatus], apply: bool) -> _Decision:
         busy = set().union(*(s.busy for s in statuses))
-        now = time.time()
         durable = self.durable.scan()
         decision = _Decision(token=uuid.uuid4().hex[:12])
         decision.durable = {s: self.durable.committed(scan) for s, scan in durable.items()}
@@ -423,21 +429,34 @@ class CheckpointManager:
         if not apply:
             return decision
         done = [s for s, ok in decision.durable.items() if ok]
-        stale = _never_committed(durable)
-        decision.delete_durable = policy.to_delete(done, self.keep_last, self.keep_every)
-        decision.delete_durable += policy.leftovers(stale, now, self.leftover_grace_s, busy)
         if self.local is not None:
-            newest_durable = max(done, default=None)
-
-            def uploaded(s: int) -> bool:  # its durable copy is committed, or a newer one is
-                return decision.durable.get(s, False) or (newest_durable is not None and s < newest_durable)
-
-            local_done = [s for s, ok in decision.local.items() if ok]
-            extra = policy.to_delete(local_done, self.local_keep_last, None)
-            decision.delete_local = [s for s in extra if s not in busy and uploaded(s)]
-            stale = _never_committed(local)
-            decision.delete_local += policy.leftovers(stale, now, self.leftover_grace_s, busy)
+            decision.resume = self._to_resume(decision, busy)
+            busy |= set(decision.resume)  # their durable leftovers are about to be written again: not swept
+            decision.delete_local = self._local_deletions(decision, local, busy)
+        decision.delete_durable = policy.to_delete(done, self.keep_last, self.keep_every)
+        decision.delete_durable += policy.leftovers(_never_committed(durable), time.time(), self.leftover_grace_s, busy)
         return decision
+
+    def _to_resume(self, decision: _Decision, busy: set[int]) -> list[int]:
+        """Local steps newer than every durable one that no upload is working on: a killed or failed upload.
+
+        Each is resumed once per manager (a decision that was not acted on does not count), so a step that cannot
+        be uploaded (a node's files lost) is reported once instead of at every save.
+        """
+        newest = max((s for s, ok in decision.durable.items() if ok), default=-1)
+        steps = [s for s, ok in decision.local.items() if ok and s > newest and s not in busy]
+        return sorted(s for s in steps if s not in self._resume_tried)
+
+    def _local_deletions(self, decision: _Decision, local: dict[int, StepScan], busy: set[int]) -> list[int]:
+        newest_durable = max((s for s, ok in decision.durable.items() if ok), default=None)
+
+        def uploaded(s: int) -> bool:  # its durable copy is committed, or a newer one is
+            return decision.durable.get(s, False) or (newest_durable is not None and s < newest_durable)
+
+        local_done = [s for s, ok in decision.local.items() if ok]
+        extra = policy.to_delete(local_done, self.local_keep_last, None)
+        out = [s for s in extra if s not in busy and uploaded(s)]
+        return out + policy.leftovers(_never_committed(local), time.time(), self.leftover_grace_s, busy)
 
     def _act(self, decision: _Decision, statuses: Sequence[_RankStatus]) -> None:
         if self._comm.rank == 0:
@@ -490,12 +509,30 @@ class CheckpointManager:
 
     def _committed(self, step: int, writer: StepWriter, token: str) -> None:
         """After a local commit: hand this rank's files (and rank 0's metadata) to the uploader."""
+        self._upload(step, writer.written, token)
+
+    def _upload(self, step: int, files: Sequence[str], token: str) -> None:
         if self._uploader is None or self.local is None:
             return
         metadata = None
         if self._comm.rank == 0:
             metadata = self.local.mover.read_file(self.local.step_path(step, METADATA_NAME), 1 << 40)
-        self._uploader.submit(UploadJob(step, token, self._comm.rank, self._comm.world, writer.written, metadata))
+        job = UploadJob(step, token, self._comm.rank, self._comm.world, tuple(files), metadata)
+        self._uploader.submit(job)
+
+    def _own_files(self, step: int) -> list[str]:
+        """The data files of a committed local step this rank uploads: those of saving rank i, i % world == rank.
+
+        The job may have restarted with fewer ranks than saved the step; every saving rank's files still go up.
+        After a commit the directory holds only the files its metadata names.
+        """
+        names = self.local.names(step) if self.local is not None else set()
+        out = []
+        for name in names:
+            match = _DATA_FILE_RANK.match(name)
+            if match is not None and int(match.group(1)) % self._comm.world == self._comm.rank:
+                out.append(name)
+        return sorted(out)
 
     def _async_done(self, record: _AsyncSave, future: Future[Any]) -> None:
         try:
