@@ -298,10 +298,11 @@ class CheckpointManager:
         if exc_type is None:
             self.close()
         elif not self._closed:
-            # no collectives on an error path (other ranks may be elsewhere); queued uploads still finish
+            # an error path: no collectives (other ranks may be elsewhere) and no waiting for uploads that may wait
+            # on ranks that died; what was not committed on the durable tier is resumed by the next run
             self._closed = True
             if self._uploader is not None:
-                self._uploader.close()
+                self._uploader.close(wait=False)
 
     # -- loading --------------------------------------------------------------------------------------------
     def load(self, state_dict: dict[str, Any], step: int | None = None, *, planner: Any = None) -> int:
