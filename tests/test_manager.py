@@ -322,3 +322,16 @@ def test_damaged_metadata_is_not_committed_and_not_swept(tmp_path: Path, capsys:
     assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["2", "durable", "DAMAGED"]
     assert main(["ls", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_file_url_root_commits_once(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/run"
+    mgr = dcpio.CheckpointManager(url, keep_last=1)
+    mgr.save(1, state_for(1))
+    mgr.save(2, state_for(2))
+    assert mgr.steps() == [2] and dirs(tmp_path / "run") == [step_name(2)]
+    with pytest.raises(dcpio.CheckpointExistsError, match="committed by another save"):
+        Tier(url, name="durable").commit(2, b"a second writer's metadata")
+    got = blank_for()
+    assert mgr.load(got) == 2
+    assert_state(got, 2)
