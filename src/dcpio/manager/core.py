@@ -158,8 +158,8 @@ class CheckpointManager:
 
     Example::
 
-        import torch, dcpio
-        mgr = dcpio.CheckpointManager("/tmp/dcpio-run", keep_last=2)
+        import tempfile, torch, dcpio
+        mgr = dcpio.CheckpointManager(tempfile.mkdtemp(), keep_last=2)
         model = torch.nn.Linear(4, 4)
         for step in range(1, 4):
             mgr.save(step, {"model": model.state_dict()})
