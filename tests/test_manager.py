@@ -304,3 +304,34 @@ def test_two_ranks_decide_once_when_views_disagree(tmp_path: Path) -> None:
     for out in outs:
         assert out["steps"] == [1, 2, 3] and out["latest"] == 3 and out["after"] == [2, 3] and out["loaded"] == 3
     assert dirs(real) == [step_name(2), step_name(3)]
+
+
+def test_damaged_metadata_is_not_committed_and_not_swept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "run"
+    mgr = dcpio.CheckpointManager(root, keep_last=1, leftover_grace_s=0)
+    mgr.save(1, state_for(1))
+    mgr.save(2, state_for(2))
+    meta = root / step_name(2) / ".metadata"
+    meta.write_bytes(meta.read_bytes()[:40])  # committed once, damaged later
+    old = time.time() - 3600
+    for path in [root / step_name(2), *(root / step_name(2)).iterdir()]:
+        os.utime(path, (old, old))
+    mgr.cleanup()
+    assert mgr.steps() == [] and dirs(root) == [step_name(2)]  # step 1 went when 2 committed; 2 is left to recover
+    assert main(["ls", str(root)]) == EXIT_OK
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["2", "durable", "DAMAGED"]
+    assert main(["ls", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_file_url_root_commits_once(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/run"
+    mgr = dcpio.CheckpointManager(url, keep_last=1)
+    mgr.save(1, state_for(1))
+    mgr.save(2, state_for(2))
+    assert mgr.steps() == [2] and dirs(tmp_path / "run") == [step_name(2)]
+    with pytest.raises(dcpio.CheckpointExistsError, match="committed by another save"):
+        Tier(url, name="durable").commit(2, b"a second writer's metadata")
+    got = blank_for()
+    assert mgr.load(got) == 2
+    assert_state(got, 2)

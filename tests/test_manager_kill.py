@@ -30,8 +30,17 @@ KEEP_LAST, KEEP_EVERY = 2, 4
 _PAD = 1_500_000  # int64 elements: 12 MB per step, so a kill often lands inside a write or an upload
 
 
-def full_state(step: int) -> dict[str, Any]:
-    return {**state_for(step), "pad": torch.arange(_PAD, dtype=torch.int64) * (step + 1)}
+def full_state(step: int, ranks: int = 1) -> dict[str, Any]:
+    """What every rank of a ``ranks``-rank job saves at ``step``, merged (each rank's keys are its own)."""
+    out: dict[str, Any] = {}
+    for rank in range(ranks):
+        out.update(state_for(step, rank))
+        out[f"pad{rank}"] = torch.arange(_PAD, dtype=torch.int64) * (step + 1) + rank
+    return out
+
+
+def rank_state(step: int, rank: int) -> dict[str, Any]:
+    return {**state_for(step, rank), f"pad{rank}": torch.arange(_PAD, dtype=torch.int64) * (step + 1) + rank}
 
 
 def manager(durable: Path, local: Path) -> dcpio.CheckpointManager:
@@ -41,14 +50,27 @@ def manager(durable: Path, local: Path) -> dcpio.CheckpointManager:
 
 
 def _child(durable: str, local: str, first: str) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    if "MASTER_PORT" in os.environ:
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
+            rank=rank,
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=datetime.timedelta(seconds=120),
+        )
     mgr = manager(Path(durable), Path(local))
     print("ready", flush=True)
     step = int(first)
     while True:
         if step % 2:
-            mgr.async_save(step, full_state(step)).result()
+            mgr.async_save(step, rank_state(step, rank)).result()
         else:
-            mgr.save(step, full_state(step))
+            mgr.save(step, rank_state(step, rank))
         print("saved", step, flush=True)
         step += 1
 
@@ -58,62 +80,79 @@ def committed(root: Path) -> dict[int, bool]:
     return {s: tier.committed(scan) for s, scan in tier.scan().items()}
 
 
-def check_loads(root: Path, steps: list[int]) -> None:
+def check_loads(root: Path, steps: list[int], ranks: int) -> None:
     mgr = dcpio.CheckpointManager(root)  # no retention: only reads
     for step in steps:
-        got = {**blank_for(), "pad": torch.zeros(_PAD, dtype=torch.int64)}
+        got: dict[str, Any] = {}
+        for rank in range(ranks):
+            got.update({**blank_for(rank), f"pad{rank}": torch.zeros(_PAD, dtype=torch.int64)})
         assert mgr.load(got, step=step) == step
-        assert_state(got, step)
-        assert bitwise_equal(got["pad"], full_state(step)["pad"]), step
+        want = full_state(step, ranks)
+        for rank in range(ranks):
+            assert_state(got, step, rank)
+            assert bitwise_equal(got[f"pad{rank}"], want[f"pad{rank}"]), (step, rank)
 
 
-def _run_and_kill(durable: Path, local: Path, first: int, delay: float) -> int:
-    """Run the child from ``first``; SIGKILL it ``delay`` s after it is ready. Returns the last step it reported."""
+def _run_and_kill(durable: Path, local: Path, first: int, delay: float, ranks: int) -> int:
+    """Run the job from ``first``; SIGKILL every rank ``delay`` s after they are ready; return the last step saved."""
+    from helpers import free_port
+
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
+    if ranks > 1:
+        env.update({"MASTER_PORT": str(free_port()), "WORLD_SIZE": str(ranks)})
     cmd = [sys.executable, __file__, str(durable), str(local), str(first)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None and proc.stderr is not None
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r)})
+        for r in range(ranks)
+    ]
+    outs = []
     try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        for proc in procs:
+            assert proc.stdout is not None and proc.stderr is not None
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
         time.sleep(delay)  # where the kill lands: not a timing assertion
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        out = proc.stdout.read()
-        assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == -signal.SIGKILL, err
+            outs.append(out)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-    saved = [int(line.split()[1]) for line in out.splitlines() if line.startswith("saved ")]
-    return saved[-1] if saved else first - 1
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    saved = [int(line.split()[1]) for out in outs for line in out.splitlines() if line.startswith("saved ")]
+    return max(saved, default=first - 1)  # a save returns on any rank only after its commit
 
 
 @pytest.mark.slow
-def test_sigkill_during_save_retention_and_upload(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ranks,rounds", [(1, 8), (2, 5)])
+def test_sigkill_during_save_retention_and_upload(tmp_path: Path, ranks: int, rounds: int) -> None:
     durable, local = tmp_path / "durable", tmp_path / "local"
-    rng = random.Random(1602)
+    rng = random.Random(1602 + ranks)
     first = 1
     reported = 0
-    for _ in range(8):
-        reported = max(reported, _run_and_kill(durable, local, first, rng.uniform(0.0, 2.5)))
+    for _ in range(rounds):
+        reported = max(reported, _run_and_kill(durable, local, first, rng.uniform(0.0, 2.5), ranks))
         tiers = {"durable": committed(durable), "local": committed(local)}
         for root, seen in ((durable, tiers["durable"]), (local, tiers["local"])):
-            check_loads(root, sorted(s for s, ok in seen.items() if ok))
+            check_loads(root, sorted(s for s, ok in seen.items() if ok), ranks)
         newest = max((s for seen in tiers.values() for s, ok in seen.items() if ok), default=0)
         assert newest >= reported  # a save that returned is never lost (it may be local only)
 
         durable_before = {s for s, ok in tiers["durable"].items() if ok}
+        # local steps newer than every durable one lost their upload with the job: the next save resumes them
+        resumed = {s for s, ok in tiers["local"].items() if ok and s > max(durable_before, default=-1)}
         nxt = max([reported, *tiers["durable"], *tiers["local"]]) + 1
-        mgr = manager(durable, local)
-        mgr.save(nxt, full_state(nxt))
+        mgr = manager(durable, local)  # the job restarts on one process, with every rank's keys
+        mgr.save(nxt, full_state(nxt, ranks))
         mgr.close()
         after = committed(durable)
         assert all(after.values()), after  # leftovers swept: nothing in flight, grace 0
-        assert sorted(after) == sorted(policy.retained(durable_before | {nxt}, KEEP_LAST, KEEP_EVERY))
+        assert sorted(after) == sorted(policy.retained(durable_before | resumed | {nxt}, KEEP_LAST, KEEP_EVERY))
         assert committed(local) == {nxt: True}
-        check_loads(durable, [nxt])
+        check_loads(durable, sorted((resumed & set(after)) | {nxt}), ranks)
         first = nxt + 1
 
 
@@ -184,9 +223,13 @@ def test_a_rank_dying_during_upload_leaves_the_previous_durable_step(tmp_path: P
     assert mgr.load(got) == 2
     assert_state(got, 2, 0)
     assert_state(got, 2, 1)
-    mgr.save(3, state_for(3))
+    mgr.save(3, state_for(3))  # one rank now: it uploads step 2's files of both former ranks, then step 3
     mgr.close()
-    assert committed(durable) == {1: True, 3: True}
+    assert committed(durable) == {2: True, 3: True}
+    got = {**blank_for(0), **blank_for(1), "pad": torch.zeros(_BIG, dtype=torch.int64)}
+    assert dcpio.CheckpointManager(durable).load(got, step=2) == 2
+    assert_state(got, 2, 0)
+    assert_state(got, 2, 1)
 
 
 if __name__ == "__main__":

@@ -90,9 +90,12 @@ def test_upload_runs_in_background_and_its_failure_is_raised(
     got = blank_for()
     assert mgr.load(got) == 2  # the local tier holds it
     assert_state(got, 2)
-    mgr.save(3, state_for(3))
+    mgr.save(3, state_for(3))  # uploads step 2 again (once the store is back), then step 3
     mgr.wait()
-    assert {s for s, ok in durable_steps(ep, "run").items() if ok} == {1, 3}
+    assert durable_steps(ep, "run") == {2: True, 3: True}
+    got = blank_for()
+    assert dcpio.CheckpointManager(ep.url("run"), storage_options=ep.storage_options).load(got, step=2) == 2
+    assert_state(got, 2)
     mgr.close()
 
 
@@ -188,12 +191,30 @@ def test_uploader_killed_mid_way_then_resume(tmp_path: Path, s3: S3Endpoint) -> 
         mgr.save(first + 2, state_for(first + 2))
         mgr.close()
         durable = durable_steps(s3, "run")
-        committed = sorted(s for s, ok in durable.items() if ok)
-        assert committed[-1] == first + 2 and len(committed) <= 2  # keep_last=2 once the next save completed
-        assert all(durable.values())  # the killed upload's objects were swept (grace 0, nothing in flight)
+        # the killed upload of first+1 resumed, and keep_last=2 held once the next save completed
+        assert durable == {first + 1: True, first + 2: True}
+        check = blank_for()
+        assert dcpio.CheckpointManager(url, storage_options=options).load(check, step=first + 1) == first + 1
+        assert check["step"] == first + 1
         assert dirs(local) == [step_name(first + 2)]
         first += 3
 
 
 if __name__ == "__main__":
     _child(*sys.argv[1:])
+
+
+def test_cli_ls_and_prune_on_s3(s3: S3Endpoint, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    from dcpio.cli.main import EXIT_OK, main
+
+    mgr = dcpio.CheckpointManager(s3.url("run"), storage_options=s3.storage_options)
+    for step in (1, 2, 3):
+        mgr.save(step, state_for(step))
+    opts = [f"-o{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in s3.storage_options.items()]
+    assert main(["ls", "--json", s3.url("run"), *opts]) == EXIT_OK
+    listed = json.loads(capsys.readouterr().out)
+    assert [(i["step"], i["tier"], i["committed"]) for i in listed] == [(s, "durable", True) for s in (1, 2, 3)]
+    assert all(i["size"] > 0 and i["files"] == 2 for i in listed)
+    assert main(["prune", s3.url("run"), "--keep", "1", *opts]) == EXIT_OK
+    assert "deleted 2 committed step(s): 1, 2" in capsys.readouterr().out
+    assert durable_steps(s3, "run") == {3: True}

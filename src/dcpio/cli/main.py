@@ -429,7 +429,14 @@ def _cmd_ls(args: argparse.Namespace, ui: _UI) -> int:
         return EXIT_OK
     now = time.time()
     rows = [
-        [str(i.step), i.tier, "yes" if i.committed else "NO", _fmt_bytes(i.size), str(i.files), _fmt_age(now - i.mtime)]
+        [
+            str(i.step),
+            i.tier,
+            "yes" if i.committed else ("DAMAGED" if i.damaged else "NO"),
+            _fmt_bytes(i.size),
+            str(i.files),
+            _fmt_age(now - i.mtime),
+        ]
         for i in infos
     ]
     for line in _table(rows, ["step", "tier", "committed", "size", "files", "age"]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from dcpio.writer import METADATA_NAME
 __all__ = ["CheckpointManager", "PruneReport", "StepInfo", "list_steps", "prune"]
 
 DEFAULT_GRACE_S = 3600.0
+_DATA_FILE_RANK = re.compile(r"^__(\d+)_\d+(\.[0-9a-f]{8})?\.distcp$")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class StepInfo:
         step: the step number.
         tier: ``"local"`` or ``"durable"``.
         committed: its ``.metadata`` exists and parses.
+        damaged: its ``.metadata`` exists and does not parse (never swept; recover or delete it by hand).
         size: bytes of every file in it.
         files: how many files.
         mtime: newest modification time of anything in it (seconds since the epoch).
@@ -50,6 +53,7 @@ class StepInfo:
     files: int
     mtime: float
     path: str
+    damaged: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +77,7 @@ class _Decision:
     token: str = ""
     delete_durable: list[int] = field(default_factory=list)
     delete_local: list[int] = field(default_factory=list)
+    resume: list[int] = field(default_factory=list)
     failure: str | None = None
 
     def committed(self) -> list[int]:
@@ -153,8 +158,8 @@ class CheckpointManager:
 
     Example::
 
-        import torch, dcpio
-        mgr = dcpio.CheckpointManager("/tmp/dcpio-run", keep_last=2)
+        import tempfile, torch, dcpio
+        mgr = dcpio.CheckpointManager(tempfile.mkdtemp(), keep_last=2)
         model = torch.nn.Linear(4, 4)
         for step in range(1, 4):
             mgr.save(step, {"model": model.state_dict()})
@@ -198,6 +203,7 @@ class CheckpointManager:
         self._lock = threading.Lock()
         self._inflight: set[int] = set()
         self._async: _AsyncSave | None = None
+        self._resume_tried: set[int] = set()
         self._closed = False
         self._uploader = (
             Uploader(self.local, self.durable, threads=upload_threads, timeout_s=upload_timeout_s)
@@ -292,10 +298,11 @@ class CheckpointManager:
         if exc_type is None:
             self.close()
         elif not self._closed:
-            # no collectives on an error path (other ranks may be elsewhere); queued uploads still finish
+            # an error path: no collectives (other ranks may be elsewhere) and no waiting for uploads that may wait
+            # on ranks that died; what was not committed on the durable tier is resumed by the next run
             self._closed = True
             if self._uploader is not None:
-                self._uploader.close()
+                self._uploader.close(wait=False)
 
     # -- loading --------------------------------------------------------------------------------------------
     def load(self, state_dict: dict[str, Any], step: int | None = None, *, planner: Any = None) -> int:
@@ -406,11 +413,13 @@ class CheckpointManager:
             ) from (mine[0][1] if mine else None)
         if apply:
             self._act(decision, statuses)
+            for step in decision.resume:
+                self._upload(step, self._own_files(step), decision.token)
+            self._resume_tried.update(decision.resume)
         return decision
 
     def _decide(self, statuses: Sequence[_RankStatus], apply: bool) -> _Decision:
         busy = set().union(*(s.busy for s in statuses))
-        now = time.time()
         durable = self.durable.scan()
         decision = _Decision(token=uuid.uuid4().hex[:12])
         decision.durable = {s: self.durable.committed(scan) for s, scan in durable.items()}
@@ -421,21 +430,34 @@ class CheckpointManager:
         if not apply:
             return decision
         done = [s for s, ok in decision.durable.items() if ok]
-        stale = {s: scan.newest_mtime for s, scan in durable.items() if not decision.durable[s]}
-        decision.delete_durable = policy.to_delete(done, self.keep_last, self.keep_every)
-        decision.delete_durable += policy.leftovers(stale, now, self.leftover_grace_s, busy)
         if self.local is not None:
-            newest_durable = max(done, default=None)
-
-            def uploaded(s: int) -> bool:  # its durable copy is committed, or a newer one is
-                return decision.durable.get(s, False) or (newest_durable is not None and s < newest_durable)
-
-            local_done = [s for s, ok in decision.local.items() if ok]
-            extra = policy.to_delete(local_done, self.local_keep_last, None)
-            decision.delete_local = [s for s in extra if s not in busy and uploaded(s)]
-            stale = {s: scan.newest_mtime for s, scan in local.items() if not decision.local[s]}
-            decision.delete_local += policy.leftovers(stale, now, self.leftover_grace_s, busy)
+            decision.resume = self._to_resume(decision, busy)
+            busy |= set(decision.resume)  # their durable leftovers are about to be written again: not swept
+            decision.delete_local = self._local_deletions(decision, local, busy)
+        decision.delete_durable = policy.to_delete(done, self.keep_last, self.keep_every)
+        decision.delete_durable += policy.leftovers(_never_committed(durable), time.time(), self.leftover_grace_s, busy)
         return decision
+
+    def _to_resume(self, decision: _Decision, busy: set[int]) -> list[int]:
+        """Local steps newer than every durable one that no upload is working on: a killed or failed upload.
+
+        Each is resumed once per manager (a decision that was not acted on does not count), so a step that cannot
+        be uploaded (a node's files lost) is reported once instead of at every save.
+        """
+        newest = max((s for s, ok in decision.durable.items() if ok), default=-1)
+        steps = [s for s, ok in decision.local.items() if ok and s > newest and s not in busy]
+        return sorted(s for s in steps if s not in self._resume_tried)
+
+    def _local_deletions(self, decision: _Decision, local: dict[int, StepScan], busy: set[int]) -> list[int]:
+        newest_durable = max((s for s, ok in decision.durable.items() if ok), default=None)
+
+        def uploaded(s: int) -> bool:  # its durable copy is committed, or a newer one is
+            return decision.durable.get(s, False) or (newest_durable is not None and s < newest_durable)
+
+        local_done = [s for s, ok in decision.local.items() if ok]
+        extra = policy.to_delete(local_done, self.local_keep_last, None)
+        out = [s for s in extra if s not in busy and uploaded(s)]
+        return out + policy.leftovers(_never_committed(local), time.time(), self.leftover_grace_s, busy)
 
     def _act(self, decision: _Decision, statuses: Sequence[_RankStatus]) -> None:
         if self._comm.rank == 0:
@@ -488,12 +510,30 @@ class CheckpointManager:
 
     def _committed(self, step: int, writer: StepWriter, token: str) -> None:
         """After a local commit: hand this rank's files (and rank 0's metadata) to the uploader."""
+        self._upload(step, writer.written, token)
+
+    def _upload(self, step: int, files: Sequence[str], token: str) -> None:
         if self._uploader is None or self.local is None:
             return
         metadata = None
         if self._comm.rank == 0:
             metadata = self.local.mover.read_file(self.local.step_path(step, METADATA_NAME), 1 << 40)
-        self._uploader.submit(UploadJob(step, token, self._comm.rank, self._comm.world, writer.written, metadata))
+        job = UploadJob(step, token, self._comm.rank, self._comm.world, tuple(files), metadata)
+        self._uploader.submit(job)
+
+    def _own_files(self, step: int) -> list[str]:
+        """The data files of a committed local step this rank uploads: those of saving rank i, i % world == rank.
+
+        The job may have restarted with fewer ranks than saved the step; every saving rank's files still go up.
+        After a commit the directory holds only the files its metadata names.
+        """
+        names = self.local.names(step) if self.local is not None else set()
+        out = []
+        for name in names:
+            match = _DATA_FILE_RANK.match(name)
+            if match is not None and int(match.group(1)) % self._comm.world == self._comm.rank:
+                out.append(name)
+        return sorted(out)
 
     def _async_done(self, record: _AsyncSave, future: Future[Any]) -> None:
         try:
@@ -516,6 +556,20 @@ class CheckpointManager:
             record.done.wait()
         if record.error is not None:
             raise record.error
+
+
+def _never_committed(scans: dict[int, StepScan]) -> dict[int, float]:
+    """Steps without a ``.metadata`` (a save that never committed), with their newest mtime.
+
+    A step whose ``.metadata`` is there but does not parse is not committed either, but it is not swept: it was
+    committed once and damaged later, and may still be worth recovering (``dcpio ls`` shows it as damaged).
+    """
+    return {s: scan.newest_mtime for s, scan in scans.items() if METADATA_NAME not in scan.files}
+
+
+def _existing_root(tier: Tier) -> None:
+    if not tier.is_url and not os.path.isdir(tier.root):
+        raise FileNotFoundError(errno.ENOENT, f"{tier.root}: no such directory; check the root's path", tier.root)
 
 
 def _delete_quietly(tier: Tier, step: int) -> None:
@@ -557,12 +611,12 @@ def list_steps(
         tiers.insert(0, Tier(local_root, name="local"))
     out: list[StepInfo] = []
     for tier in tiers:
+        _existing_root(tier)
         for step, scan in tier.scan().items():
-            out.append(
-                StepInfo(
-                    step, tier.name, tier.committed(scan), scan.size, len(scan.files), scan.newest_mtime, scan.path
-                )
-            )
+            ok = tier.committed(scan)
+            damaged = not ok and METADATA_NAME in scan.files
+            info = StepInfo(step, tier.name, ok, scan.size, len(scan.files), scan.newest_mtime, scan.path, damaged)
+            out.append(info)
     return sorted(out, key=lambda i: (i.step, i.tier))
 
 
@@ -603,12 +657,12 @@ def prune(
     _check_count("keep_last", keep_last)
     _check_count("keep_every", keep_every)
     tier = Tier(root, name="durable", storage_options=storage_options)
+    _existing_root(tier)
     scans = tier.scan()
     committed = {s: tier.committed(scan) for s, scan in scans.items()}
     done = [s for s, ok in committed.items() if ok]
     deleted = policy.to_delete(done, keep_last, keep_every)
-    stale = {s: scan.newest_mtime for s, scan in scans.items() if not committed[s]}
-    swept = policy.leftovers(stale, time.time(), grace_s, ())
+    swept = policy.leftovers(_never_committed(scans), time.time(), grace_s, ())
     if not dry_run:
         for step in deleted + swept:
             tier.delete(step)

@@ -4,8 +4,8 @@ A root is a local directory or an fsspec URL (``s3://bucket/run``). Step ``N`` l
 counts as committed once its ``.metadata`` exists and parses. Every write follows the same rule: data first,
 ``.metadata`` last, and the metadata is written once:
 
-* on a local file system it is written to a private temporary name, fsynced, and *linked* (``os.link``) to
-  ``.metadata``, which fails when the name exists; the directory is fsynced after;
+* on a local file system (a path or a ``file://`` URL) it is written to a private temporary name, fsynced, and
+  *linked* (``os.link``) to ``.metadata``, which fails when the name exists; the directory is fsynced after;
 * on S3 (and stores that honour it: MinIO, GCS's S3 API) it is a single ``PUT`` with ``If-None-Match: *``, which
   the store refuses (412) when the object exists. Two writers can therefore never both commit one step. Stores that
   ignore the header (some older S3-compatible servers) fall back to "last writer wins"; dcpio cannot tell them
@@ -138,6 +138,9 @@ class _CommitOnceFsspec(FsspecFileSystem):
     """The fsspec byte mover, with ``.metadata`` written by a conditional PUT on S3."""
 
     def write_file_atomic(self, path: PathLike, data: bytes, sync: bool) -> None:
+        if os.path.basename(str(path)) == METADATA_NAME and self.is_local:  # file:// URLs: the local hard link
+            _CommitOnceLocal().write_file_atomic(self._p(path), data, sync)
+            return
         if os.path.basename(str(path)) != METADATA_NAME or not self.is_s3:
             super().write_file_atomic(path, data, sync)
             return

@@ -103,10 +103,11 @@ class Uploader:
                 self._idle.wait(left)
         return True
 
-    def close(self) -> None:
-        """Finish the queued uploads, then stop the thread."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the thread after the queued uploads; ``wait=False`` returns at once (the thread is a daemon)."""
         self._queue.put(None)
-        self._thread.join()
+        if wait:
+            self._thread.join()
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
