@@ -409,6 +409,7 @@ def _cmd_demo(args: argparse.Namespace, ui: _UI) -> int:
             f"model alone: read {_fmt_bytes(res.partial_read_bytes)} of the {_fmt_bytes(res.checkpoint_bytes)} "
             f"checkpoint ({share:.0%})"
         )
+        ui.print(f"  dcpio's reader: {res.partial_stats}")
     torch_said = "torch's stock reader loaded it without an error" if res.torch_loaded_corrupt else "torch refused it"
     ui.print(
         f"{ok if res.corrupt_caught else bad}  one flipped byte: dcpio refused the load "

@@ -73,6 +73,7 @@ class DemoResult:
         mismatches: names that did not match.
         partial_read_bytes: bytes read to load the model alone from the same checkpoint.
         checkpoint_bytes: bytes of that checkpoint's files.
+        partial_stats: the reader's own account of that load (:class:`dcpio.IOStats` summary).
         corrupt_caught: dcpio's reader refused the copy with a flipped byte.
         corrupt_message: the first line of its error.
         torch_loaded_corrupt: torch's stock reader loaded the damaged copy without an error.
@@ -99,6 +100,7 @@ class DemoResult:
     mismatches: list[str] = field(default_factory=list)
     partial_read_bytes: int = 0
     checkpoint_bytes: int = 0
+    partial_stats: str = ""
     corrupt_caught: bool = False
     corrupt_message: str = ""
     torch_loaded_corrupt: bool = False
@@ -308,18 +310,6 @@ def _crash(run: str, step: int, nbytes: int, timeout: float) -> int:
     return len(begun)
 
 
-def _bytes_read() -> int | None:
-    """Bytes this process read from files so far: the kernel's ``rchar`` plus dcpio's memory-mapped reads."""
-    from dcpio.movers.local import mapped_bytes_read
-
-    try:
-        with open("/proc/self/io") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return int(fields["rchar"]) + mapped_bytes_read()
-    except (OSError, KeyError, ValueError):  # not Linux: the figure is left out
-        return None
-
-
 def _load_model_only(reader: Any) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
@@ -330,15 +320,16 @@ def _load_model_only(reader: Any) -> dict[str, Any]:
     return state
 
 
-def _partial_load(path: str) -> tuple[int, int]:
-    """Load the model alone (2 ranks' shards into 1 process); return (bytes read, checkpoint bytes)."""
+def _partial_load(path: str) -> tuple[int, int, str]:
+    """Load the model alone (2 ranks' shards into 1 process); return (bytes read, checkpoint bytes, the reader's
+    account of the load)."""
     import dcpio
 
     size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
-    before = _bytes_read()
-    _load_model_only(dcpio.FileSystemReader(path))
-    after = _bytes_read()
-    return (after - before if before is not None and after is not None else 0), size
+    reader = dcpio.FileSystemReader(path)
+    _load_model_only(reader)
+    stats = reader.stats  # what the reader did: requests, bytes read or copied out of memory maps, bytes verified
+    return stats.bytes_read + stats.bytes_mapped, size, stats.summary()
 
 
 def _flip_a_byte(src: str, dst: str, fqn: str) -> str:
@@ -483,7 +474,7 @@ def run_demo(
         result.crash_intact = result.crash_latest == steps and result.bit_exact
 
         say("loading the model alone from the same checkpoint, then a copy with one byte flipped ...")
-        result.partial_read_bytes, result.checkpoint_bytes = _partial_load(newest)
+        result.partial_read_bytes, result.checkpoint_bytes, result.partial_stats = _partial_load(newest)
         result.corrupt_caught, result.corrupt_message, result.torch_loaded_corrupt = _corruption(root, newest)
         result.total_s = time.perf_counter() - start
         return result
