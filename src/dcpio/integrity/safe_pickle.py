@@ -321,6 +321,8 @@ def _fast_path_ok(data: bytes) -> bool:
             return False  # an opcode the scan does not admit: the exact path decides
         length = int.from_bytes(data[pos + 1 : pos + 1 + size], "little")
         pos += 1 + size + length
+        if pos > end:
+            return False  # a length past the end: the exact path reports the truncation
 
 
 # the pure-Python unpickler: typeshed describes it as the C one, so it is taken untyped
