@@ -608,3 +608,40 @@ def test_scan_admits_what_torch_writes() -> None:
     from dcpio.integrity import safe_pickle
 
     assert [safe_pickle._fast_path_ok(p) for p in _PICKLES] == [True, True, True, True]
+
+
+def _outcome(load: Any) -> tuple[str, Any]:
+    from dcpio.integrity import safe_pickle
+
+    try:
+        return "ok", safe_pickle.validate_metadata(load(), "x")
+    except Exception as err:  # both paths must fail, whatever the error's type
+        return "error", type(err).__name__
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(_PICKLES),
+    st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), min_size=1, max_size=3),
+)
+def test_c_and_exact_unpicklers_agree_on_what_the_scan_admits(valid: bytes, flips: list[tuple[int, int]]) -> None:
+    from dcpio.integrity import safe_pickle
+
+    data = bytearray(valid)
+    for pos, xor in flips:
+        data[pos % len(data)] ^= xor
+    blob = bytes(data)
+    if not safe_pickle._fast_path_ok(blob):
+        return
+
+    def resolve(module: str, name: str) -> Any:
+        return safe_pickle._metadata_class(module, name, "x")
+
+    def refuse(pid: Any) -> Any:
+        raise dcpio.UnsafeCheckpointError("persistent id")
+
+    fast = _outcome(lambda: safe_pickle._FastUnpickler(blob, resolve, refuse).load())
+    exact = _outcome(lambda: safe_pickle._ExactUnpickler(blob, resolve, refuse).load())
+    assert fast[0] == exact[0], (fast, exact)
+    if fast[0] == "ok":
+        assert fast[1] == exact[1]
