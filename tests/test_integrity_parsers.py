@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex
@@ -552,3 +554,94 @@ def test_metadata_with_mutable_indices_still_round_trips(tmp_path: Path) -> None
     assert all(type(v) is _StorageInfo for v in md.storage_data.values())
     props = md.state_dict_metadata["w"].properties
     assert type(props).__name__ == "TensorProperties" and props.memory_format == torch.contiguous_format
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the opcode scan that admits the C unpickler is sound
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _valid_pickles() -> list[bytes]:
+    from torch.distributed.checkpoint import metadata as md
+
+    sdm: dict[str, Any] = {"step": md.BytesStorageMetadata()}
+    storage: dict[Any, Any] = {MetadataIndex("step"): _StorageInfo("__0_0.distcp", 0, 40)}
+    for i in range(40):
+        fqn = f"layer.{i}.w"
+        chunks = [md.ChunkStorageMetadata(torch.Size([r, 0]), torch.Size([1, 3])) for r in range(2)]
+        sdm[fqn] = md.TensorStorageMetadata(md.TensorProperties(dtype=torch.float32), torch.Size([2, 3]), chunks)
+        for r in range(2):
+            info = _StorageInfo(f"__{r}_0.distcp", 64 * i, 64)
+            info.dcpio_checksum = ("xxh3-64", 1 << 20, 64 * i, 64, bytes(8))  # type: ignore[attr-defined]
+            storage[MetadataIndex(fqn, torch.Size([r, 0]), r)] = info
+    meta = md.Metadata(sdm, storage_data=storage, storage_meta=md.StorageMeta(checkpoint_id=Path("/ckpt")))
+    return [pickle.dumps(meta, protocol=p) for p in (2, 3, 4, 5)]
+
+
+_PICKLES = _valid_pickles()
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(_PICKLES),
+    st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), min_size=1, max_size=4),
+)
+def test_scan_admits_no_memo_index_beyond_the_input_size(valid: bytes, flips: list[tuple[int, int]]) -> None:
+    from dcpio.integrity import safe_pickle
+
+    data = bytearray(valid)
+    for pos, xor in flips:
+        data[pos % len(data)] ^= xor
+    if not safe_pickle._fast_path_ok(bytes(data)):
+        return  # the exact (pure-Python, dict memo) unpickler takes it
+    bound = 1 << max(16, min(32, len(data).bit_length() + 1))
+    try:
+        for op, arg, _pos in pickletools.genops(bytes(data)):
+            assert op.name != "PUT", "the scan admitted a text PUT"
+            if op.name == "LONG_BINPUT":
+                assert arg < bound, f"the scan admitted memo index {arg} for {len(data)} bytes"
+    except ValueError:
+        pass  # genops stops where the C unpickler would fail too; what it read before is what was checked
+
+
+def test_scan_admits_what_torch_writes() -> None:
+    from dcpio.integrity import safe_pickle
+
+    assert [safe_pickle._fast_path_ok(p) for p in _PICKLES] == [True, True, True, True]
+
+
+def _outcome(load: Any) -> tuple[str, Any]:
+    from dcpio.integrity import safe_pickle
+
+    try:
+        return "ok", safe_pickle.validate_metadata(load(), "x")
+    except Exception as err:  # both paths must fail, whatever the error's type
+        return "error", type(err).__name__
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(_PICKLES),
+    st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), min_size=1, max_size=3),
+)
+def test_c_and_exact_unpicklers_agree_on_what_the_scan_admits(valid: bytes, flips: list[tuple[int, int]]) -> None:
+    from dcpio.integrity import safe_pickle
+
+    data = bytearray(valid)
+    for pos, xor in flips:
+        data[pos % len(data)] ^= xor
+    blob = bytes(data)
+    if not safe_pickle._fast_path_ok(blob):
+        return
+
+    def resolve(module: str, name: str) -> Any:
+        return safe_pickle._metadata_class(module, name, "x")
+
+    def refuse(pid: Any) -> Any:
+        raise dcpio.UnsafeCheckpointError("persistent id")
+
+    fast = _outcome(lambda: safe_pickle._FastUnpickler(blob, resolve, refuse).load())
+    exact = _outcome(lambda: safe_pickle._ExactUnpickler(blob, resolve, refuse).load())
+    assert fast[0] == exact[0], (fast, exact)
+    if fast[0] == "ok":
+        assert fast[1] == exact[1]

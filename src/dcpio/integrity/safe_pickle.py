@@ -128,12 +128,12 @@ class _LoadingTensorProperties(_md.TensorProperties):
             fmt = _MEM_FORMATS.get(token.value) if type(token) is _MemFormatToken else None
             values = {"dtype": dtype, "layout": layout, "requires_grad": requires_grad, "pin_memory": pin_memory}
             if fmt is None:
-                raise UnsafeCheckpointError("TensorProperties state names no known memory format")
+                raise CorruptCheckpointError("TensorProperties state names no known memory format")
             values["memory_format"] = fmt
         elif isinstance(state, dict) and all(type(k) is str and k in _TP_FIELDS for k in state):
             values = dict(state)  # older torch pickled the fields as a plain dict
         else:
-            raise UnsafeCheckpointError(f"TensorProperties state is a {type(state).__name__}; refused")
+            raise CorruptCheckpointError(f"TensorProperties state is a {type(state).__name__}, not its fields")
         self.__dict__.update(values)
         self.__class__ = _md.TensorProperties  # type: ignore[assignment]
 
@@ -160,7 +160,7 @@ _STAND_INS: dict[type, type] = {real: _stand_in(real) for real in (*_DATACLASSES
 
 def _mem_format(value: object) -> _MemFormatToken:
     if type(value) is not int or value not in _MEM_FORMATS:
-        raise UnsafeCheckpointError("metadata names an unknown memory format encoding; refused")
+        raise CorruptCheckpointError("metadata names an unknown memory format encoding")
     return _MemFormatToken(value)
 
 
@@ -321,6 +321,8 @@ def _fast_path_ok(data: bytes) -> bool:
             return False  # an opcode the scan does not admit: the exact path decides
         length = int.from_bytes(data[pos + 1 : pos + 1 + size], "little")
         pos += 1 + size + length
+        if pos > end:
+            return False  # a length past the end: the exact path reports the truncation
 
 
 # the pure-Python unpickler: typeshed describes it as the C one, so it is taken untyped
