@@ -319,11 +319,37 @@ def parse_tensor_item(read: Callable[[int, int], bytes], length: int, where: str
     """Locate and validate the tensor inside one ``torch.save`` archive of ``length`` bytes.
 
     ``read(offset, n)`` returns ``n`` bytes at ``offset`` relative to the item's start. ``where`` names the file
-    and the tensor in errors.
+    and the tensor in errors. In steps: the end record frames the directory, the directory lists the records, each
+    record's local header is checked against it, then the pickle says where the tensor's storage is.
     """
-    cap = max_record_header_bytes()
     if length < _EOCD.size + _LOCAL.size:
         raise _corrupt(where, f"item of {length} bytes is too short to be a torch.save record")
+    records = _directory_records(_central_directory(read, length, where), where)
+    prefix = next((n[: -len("/data.pkl")] for n in records if n.endswith("/data.pkl") and n.count("/") == 1), None)
+    if prefix is None:
+        raise _corrupt(where, "no data.pkl record: not a torch.save record")
+
+    def at(name: str) -> tuple[int, int]:
+        return _record_bytes_at(read, length, records, name, where)
+
+    cap = max_record_header_bytes()
+    pkl_start, pkl_size = at(f"{prefix}/data.pkl")
+    if pkl_size > cap:
+        raise _corrupt(where, f"data.pkl of {pkl_size} bytes exceeds the {cap}-byte cap")
+    if f"{prefix}/byteorder" in records:
+        bo_start, bo_size = at(f"{prefix}/byteorder")
+        if bo_size <= 16 and read(bo_start, bo_size) not in (b"little",):
+            raise _corrupt(where, "tensor was saved big-endian; dcpio reads little-endian records only")
+    alignment = None
+    if f"{prefix}/.storage_alignment" in records:
+        al_start, al_size = at(f"{prefix}/.storage_alignment")
+        raw_align = read(al_start, al_size) if al_size <= 8 else b""
+        alignment = int(raw_align) if raw_align.isdigit() else None
+    return _tensor_record(read(pkl_start, pkl_size), lambda key: at(f"{prefix}/data/{key}"), alignment, where)
+
+
+def _end_record(read: Callable[[int, int], bytes], length: int, where: str) -> tuple[bytes, int]:
+    """The item's last bytes and the position of the end-of-central-directory record in them."""
     tail_len = min(length, 4096)  # the directory of a tensor record is well under 1 KiB
     tail = read(length - tail_len, tail_len)
     pos = tail.rfind(struct.pack("<I", _SIG_EOCD))
@@ -334,24 +360,32 @@ def parse_tensor_item(read: Callable[[int, int], bytes], length: int, where: str
         pos = tail.rfind(struct.pack("<I", _SIG_EOCD))
     if pos < 0 or pos + _EOCD.size > len(tail):
         raise _corrupt(where, "no zip end-of-central-directory record: not a torch.save record")
+    return tail, pos
+
+
+def _central_directory(read: Callable[[int, int], bytes], length: int, where: str) -> tuple[bytes, int]:
+    """The central directory's bytes and its entry count, bounds-checked against the item."""
+    tail, pos = _end_record(read, length, where)
     _, _, _, _, total, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, pos)
     loc_pos = pos - _LOCATOR64.size
     if loc_pos >= 0 and struct.unpack_from("<I", tail, loc_pos)[0] == _SIG_LOCATOR64:
         _, _, eocd64_offset, _ = _LOCATOR64.unpack_from(tail, loc_pos)
         if eocd64_offset + _EOCD64.size > length:
             raise _corrupt(where, "zip64 end record points past the item")
-        rec = read(eocd64_offset, _EOCD64.size)
-        sig, _, _, _, _, _, _, total, cd_size, cd_offset = _EOCD64.unpack(rec)
+        sig, _, _, _, _, _, _, total, cd_size, cd_offset = _EOCD64.unpack(read(eocd64_offset, _EOCD64.size))
         if sig != _SIG_EOCD64:
             raise _corrupt(where, "bad zip64 end-of-central-directory signature")
-    if total > 1024 or cd_size > cap or cd_offset + cd_size > length:
+    if total > 1024 or cd_size > max_record_header_bytes() or cd_offset + cd_size > length:
         raise _corrupt(where, f"central directory ({total} entries, {cd_size} bytes at {cd_offset}) out of range")
-    tail_start = length - tail_len
+    tail_start = length - len(tail)
     if cd_offset >= tail_start and cd_offset + cd_size <= length:
-        cd = tail[cd_offset - tail_start : cd_offset - tail_start + cd_size]
-    else:
-        cd = read(cd_offset, cd_size)
+        return tail[cd_offset - tail_start : cd_offset - tail_start + cd_size], total
+    return read(cd_offset, cd_size), total
 
+
+def _directory_records(directory: tuple[bytes, int], where: str) -> dict[str, tuple[int, int, int]]:
+    """Name -> (local header offset, size, name length) for every stored (uncompressed) record."""
+    cd, total = directory
     records: dict[str, tuple[int, int, int]] = {}
     p = 0
     for _ in range(total):
@@ -360,15 +394,7 @@ def parse_tensor_item(read: Callable[[int, int], bytes], length: int, where: str
         fields = _CENTRAL.unpack_from(cd, p)
         if fields[0] != _SIG_CENTRAL:
             raise _corrupt(where, "bad central directory entry signature")
-        method, csize, usize, nlen, elen, clen, off = (
-            fields[4],
-            fields[8],
-            fields[9],
-            fields[10],
-            fields[11],
-            fields[12],
-            fields[16],
-        )
+        method, csize, usize, nlen, elen, clen, off = (fields[i] for i in (4, 8, 9, 10, 11, 12, 16))
         name = cd[p + _CENTRAL.size : p + _CENTRAL.size + nlen].decode("utf-8", "replace")
         extra = cd[p + _CENTRAL.size + nlen : p + _CENTRAL.size + nlen + elen]
         if usize == _U32 or csize == _U32 or off == _U32:
@@ -379,50 +405,35 @@ def parse_tensor_item(read: Callable[[int, int], bytes], length: int, where: str
             raise _corrupt(where, f"record {name!r} appears twice")
         records[name] = (off, usize, nlen)
         p += _CENTRAL.size + nlen + elen + clen
+    return records
 
-    prefix = next((n[: -len("/data.pkl")] for n in records if n.endswith("/data.pkl") and n.count("/") == 1), None)
-    if prefix is None:
-        raise _corrupt(where, "no data.pkl record: not a torch.save record")
 
-    def record_bytes_at(name: str) -> tuple[int, int]:
-        if name not in records:
-            raise _corrupt(where, f"record {name!r} is missing")
-        off, size, _ = records[name]
-        if off + _LOCAL.size > length:
-            raise _corrupt(where, f"record {name!r} header lies past the item's end")
-        nlen, elen = len(name.encode()), 0
-        header = read(off, min(_LOCAL.size + nlen + 1024, length - off))
-        local = _LOCAL.unpack_from(header)
-        if local[0] != _SIG_LOCAL:
-            raise _corrupt(where, f"record {name!r}: bad local header signature")
-        elen = local[10]
-        # the local header must repeat the directory's name, and its extra fields must tile their declared length:
-        # a damaged length here would shift where the data is read from
-        if local[9] != nlen or header[_LOCAL.size : _LOCAL.size + nlen] != name.encode():
-            raise _corrupt(where, f"record {name!r}: local header names another record")
-        extra = header[_LOCAL.size + nlen : _LOCAL.size + nlen + elen]
-        if len(extra) == elen and not _extra_tiles(extra):
-            raise _corrupt(where, f"record {name!r}: malformed extra field in its local header")
-        start = off + _LOCAL.size + local[9] + local[10]
-        if start + size > length:
-            raise _corrupt(where, f"record {name!r} ([{start}, {start + size})) reaches past the item's end ({length})")
-        return start, size
-
-    pkl_start, pkl_size = record_bytes_at(f"{prefix}/data.pkl")
-    if pkl_size > cap:
-        raise _corrupt(where, f"data.pkl of {pkl_size} bytes exceeds the {cap}-byte cap")
-    if f"{prefix}/byteorder" in records:
-        bo_start, bo_size = record_bytes_at(f"{prefix}/byteorder")
-        if bo_size <= 16 and read(bo_start, bo_size) not in (b"little",):
-            raise _corrupt(where, "tensor was saved big-endian; dcpio reads little-endian records only")
-    alignment = None
-    if f"{prefix}/.storage_alignment" in records:
-        al_start, al_size = record_bytes_at(f"{prefix}/.storage_alignment")
-        raw_align = read(al_start, al_size) if al_size <= 8 else b""
-        alignment = int(raw_align) if raw_align.isdigit() else None
-    return _tensor_record(
-        read(pkl_start, pkl_size), lambda key: record_bytes_at(f"{prefix}/data/{key}"), alignment, where
-    )
+def _record_bytes_at(
+    read: Callable[[int, int], bytes], length: int, records: dict[str, tuple[int, int, int]], name: str, where: str
+) -> tuple[int, int]:
+    """Where record ``name``'s bytes are, after its local header has been checked against the directory."""
+    if name not in records:
+        raise _corrupt(where, f"record {name!r} is missing")
+    off, size, _ = records[name]
+    if off + _LOCAL.size > length:
+        raise _corrupt(where, f"record {name!r} header lies past the item's end")
+    nlen = len(name.encode())
+    header = read(off, min(_LOCAL.size + nlen + 1024, length - off))
+    local = _LOCAL.unpack_from(header)
+    if local[0] != _SIG_LOCAL:
+        raise _corrupt(where, f"record {name!r}: bad local header signature")
+    elen = local[10]
+    # the local header must repeat the directory's name, and its extra fields must tile their declared length:
+    # a damaged length here would shift where the data is read from
+    if local[9] != nlen or header[_LOCAL.size : _LOCAL.size + nlen] != name.encode():
+        raise _corrupt(where, f"record {name!r}: local header names another record")
+    extra = header[_LOCAL.size + nlen : _LOCAL.size + nlen + elen]
+    if len(extra) == elen and not _extra_tiles(extra):
+        raise _corrupt(where, f"record {name!r}: malformed extra field in its local header")
+    start = off + _LOCAL.size + local[9] + local[10]
+    if start + size > length:
+        raise _corrupt(where, f"record {name!r} ([{start}, {start + size})) reaches past the item's end ({length})")
+    return start, size
 
 
 def _tensor_record(
