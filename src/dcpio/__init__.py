@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dcpio.commit import SaveConflictError
 from dcpio.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -51,6 +52,7 @@ __all__ = [
     "HuggingFaceStorageWriter",
     "IncompleteCheckpointError",
     "PlanMismatchError",
+    "SaveConflictError",
     "SerializationFormat",
     "StorageFullError",
     "StreamTransformExtension",
