@@ -138,10 +138,22 @@ def _s3_backend(server: MotoServer) -> Backend:
     )
 
 
-@pytest.fixture(params=["local", "file", "memory", "s3", "torch_style"])
+def _torch_fsspec_backend() -> Backend:
+    """torch's own fsspec backend (what torch's FsspecWriter assigns to ``self.fs``), adapted, on memory://."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as TorchFsspecFileSystem
+
+    made = _memory_backend()
+    mover = as_mover(TorchFsspecFileSystem())
+    mover.init_path(made.root)
+    return Backend("torch_fsspec", mover, made.root, made.read, made.write, made.exists)
+
+
+@pytest.fixture(params=["local", "file", "memory", "s3", "torch_style", "torch_fsspec"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "memory":
         made = _memory_backend()
+    elif request.param == "torch_fsspec":
+        made = _torch_fsspec_backend()
     elif request.param == "s3":
         made = _s3_backend(request.getfixturevalue("moto"))
     else:

@@ -325,8 +325,7 @@ class FileSystem(FileSystemBase):
         private = f"{path}.{_HOST}.{os.getpid()}.{threading.get_ident()}.new"
         handle = LocalWriteHandle(private)
         try:
-            handle.write([memoryview(data)])
-            handle.sync()
+            handle.write([memoryview(data)])  # no fsync: after a power loss a lock is stale whatever it holds
             handle.close()
             os.link(private, path, follow_symlinks=False)
         except FileExistsError:
