@@ -456,3 +456,38 @@ class _OtherProcessFS(dcpio.FileSystem):
 
 def test_storage_errors_are_checkpoint_errors() -> None:
     assert issubclass(CorruptCheckpointError, CheckpointError)
+
+
+def test_race_thread_scratch_is_never_shared() -> None:
+    from dcpio.tensor_bytes import thread_scratch
+
+    barrier = threading.Barrier(12)
+
+    def fill(i: int) -> bool:
+        buf = thread_scratch("race", 4096 + i)
+        buf.fill_(i)
+        barrier.wait()  # every thread has filled its buffer before any checks: a shared buffer would show
+        again = thread_scratch("race", 4096 + i)
+        return bool((again == i).all()) and again.data_ptr() == buf.data_ptr()
+
+    assert all(_race(12, fill))
+
+
+def test_race_engine_handle_cache_opens_each_file_once(tmp_path: Path) -> None:
+    from dcpio import engine
+
+    cache_cls = getattr(engine, "_HandleCache", None)
+    if cache_cls is None:
+        pytest.skip("the engine no longer has a handle cache of this name")
+    (tmp_path / "h.bin").write_bytes(PAYLOAD)
+    opened: list[str] = []
+
+    class Counting(dcpio.FileSystem):
+        def open_reader(self, path: str | os.PathLike[str]) -> Any:
+            opened.append(str(path))
+            return super().open_reader(path)
+
+    cache = cache_cls(Counting())
+    handles = _race(16, lambda i: cache(str(tmp_path / "h.bin")))
+    assert all(h is handles[0] for h in handles) and opened == [str(tmp_path / "h.bin")]
+    cache.close()

@@ -54,7 +54,17 @@ def _alive(pid: int) -> bool:
 
 
 class SaveLock:
-    """The lock of one save. ``acquire`` before writing, ``release`` after the commit (or on failure)."""
+    """The lock of one save. ``acquire`` before writing, ``release`` after the commit (or on failure).
+
+    Example::
+
+        lock = SaveLock(dcpio.FileSystem(), "ckpt", save_id)
+        lock.acquire()          # SaveConflictError while another live save holds it
+        try:
+            ...                 # write, commit
+        finally:
+            lock.release()
+    """
 
     def __init__(self, fs: FileSystemBase, directory: Any, save_id: str, rank: int | None = None) -> None:
         self.fs = fs
