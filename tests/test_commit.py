@@ -420,3 +420,23 @@ def test_lock_leftovers_of_a_killed_process_are_swept(tmp_path: Path) -> None:
     alive.write_text("{}")
     dcp.save(_sd(9), storage_writer=dcpio.FileSystemWriter(ckpt))
     assert not leftover.exists() and alive.exists()
+
+
+def test_a_taken_data_file_name_fails_the_save_and_is_not_removed(tmp_path: Path) -> None:
+    """A listing that misses a committed file (a racing writer, a stale cache): the save must not write through the
+    name, and its rollback must not remove a file it did not create."""
+    ckpt = tmp_path / "ckpt"
+    old = _sd(1)
+    dcp.save(old, storage_writer=dcpio.FileSystemWriter(ckpt, thread_count=1))
+    committed = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    assert "__0_0.distcp" in committed
+
+    class StaleListing(dcpio.FileSystem):
+        def ls(self, path: str | os.PathLike[str]) -> list[str]:
+            return [p for p in super().ls(path) if not p.endswith("__0_0.distcp")]
+
+    with pytest.raises(BaseException) as info:
+        dcp.save(_sd(2), storage_writer=dcpio.FileSystemWriter(ckpt, thread_count=1, _fs=StaleListing()))
+    assert any(isinstance(e, FileExistsError) for e in exception_chain(info.value))
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == committed
+    assert_tree_equal(old, _load(ckpt, old))
