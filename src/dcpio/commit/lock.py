@@ -10,8 +10,10 @@ of one ``use_collectives=False`` save do not exclude each other). It holds JSON:
 It is created atomically with its content (written to a private file, then hard-linked to the lock name, which
 fails if the name exists), so no reader ever sees an empty lock. A lock is stale, and taken over, when its holder
 ran on this host and its process is gone (a killed save), or when it is this process's own (an earlier save of
-this process that failed on another rank never reached its release). A lock held from another host cannot be
-checked: the error says which host and how to remove it. Stores without exclusive creation (object stores) use the
+this process that failed on another rank never reached its release). So two saves of one process into one
+directory (overlapping ``async_save`` calls) are not excluded: wait for one ``async_save`` future before starting
+the next into the same directory. A lock held from another host cannot be checked: the error says which host and
+how to remove it. Stores without exclusive creation (object stores) use the
 mover's ``create_new_bytes`` (a conditional PUT where the store has one).
 """
 
