@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 import dcpio
 from dcpio.commit import GroupCommit, SaveConflictError, SaveLock, publish_bytes, stage_file
 from dcpio.commit.saves import generation_of
-from helpers import TESTS_DIR, assert_tree_equal, exception_chain, spawn_ranks
+from helpers import TESTS_DIR, assert_tree_equal, exception_chain, run_stock, spawn_ranks
 
 SRC = str(Path(dcpio.__file__).resolve().parent.parent)
 
@@ -56,6 +56,20 @@ def test_symlink_at_metadata_tmp_is_not_followed(tmp_path: Path) -> None:
     assert (tmp_path / "victim").read_bytes() == before, "the save wrote through the planted symlink"
     assert not (ckpt / ".metadata").is_symlink()
     assert_tree_equal(state, _load(ckpt, state))
+
+
+def test_stock_torch_follows_a_symlink_at_metadata_tmp(tmp_path: Path) -> None:
+    """The contrast row: torch's writer opens ``.metadata.tmp`` with ``open(..., "wb")`` and writes through a link."""
+    ckpt = tmp_path / "stock"
+    ckpt.mkdir()
+    before = _plant(ckpt / ".metadata.tmp", tmp_path / "victim")
+    run_stock(
+        f"""
+        import torch, torch.distributed.checkpoint as dcp
+        dcp.save({{"w": torch.ones(4)}}, storage_writer=dcp.FileSystemWriter({str(ckpt)!r}))
+        """
+    )
+    assert (tmp_path / "victim").read_bytes() != before, "stock torch no longer follows the link: update the README"
 
 
 def test_symlink_at_hf_shard_and_index_tmp_is_not_followed(tmp_path: Path) -> None:
@@ -248,8 +262,6 @@ def test_failed_save_releases_its_lock(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ save generations
 def test_generation_is_recorded_and_stock_torch_still_loads(tmp_path: Path) -> None:
-    from helpers import run_stock
-
     ckpt = tmp_path / "ckpt"
     dcp.save(_sd(1), storage_writer=dcpio.FileSystemWriter(ckpt))
     assert generation_of(dcpio.FileSystemReader(ckpt).read_metadata()) == 1
@@ -394,3 +406,37 @@ def test_stream_backend_on_a_full_device_reports_storage_full(tmp_path: Path) ->
     full = [e for e in exception_chain(info.value) if isinstance(e, dcpio.StorageFullError)]
     assert full and str(tmp_path / "ck" / "__0_0.distcp") in str(full[0]), [str(e) for e in exception_chain(info.value)]
     assert not (tmp_path / "ck" / ".metadata").exists()
+
+
+def test_lock_leftovers_of_a_killed_process_are_swept(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    leftover = ckpt / f".dcpio.lock.{host}.{dead.pid}.1234.new"  # killed between writing and linking its lock
+    leftover.write_text("{}")
+    alive = ckpt / f".dcpio.lock.{host}.{os.getpid()}.1234.new"  # a live process's: never touched
+    alive.write_text("{}")
+    dcp.save(_sd(9), storage_writer=dcpio.FileSystemWriter(ckpt))
+    assert not leftover.exists() and alive.exists()
+
+
+def test_a_taken_data_file_name_fails_the_save_and_is_not_removed(tmp_path: Path) -> None:
+    """A listing that misses a committed file (a racing writer, a stale cache): the save must not write through the
+    name, and its rollback must not remove a file it did not create."""
+    ckpt = tmp_path / "ckpt"
+    old = _sd(1)
+    dcp.save(old, storage_writer=dcpio.FileSystemWriter(ckpt, thread_count=1))
+    committed = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    assert "__0_0.distcp" in committed
+
+    class StaleListing(dcpio.FileSystem):
+        def ls(self, path: str | os.PathLike[str]) -> list[str]:
+            return [p for p in super().ls(path) if not p.endswith("__0_0.distcp")]
+
+    with pytest.raises(BaseException) as info:
+        dcp.save(_sd(2), storage_writer=dcpio.FileSystemWriter(ckpt, thread_count=1, _fs=StaleListing()))
+    assert any(isinstance(e, FileExistsError) for e in exception_chain(info.value))
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == committed
+    assert_tree_equal(old, _load(ckpt, old))

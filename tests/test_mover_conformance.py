@@ -138,10 +138,22 @@ def _s3_backend(server: MotoServer) -> Backend:
     )
 
 
-@pytest.fixture(params=["local", "file", "memory", "s3", "torch_style"])
+def _torch_fsspec_backend() -> Backend:
+    """torch's own fsspec backend (what torch's FsspecWriter assigns to ``self.fs``), adapted, on memory://."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as TorchFsspecFileSystem
+
+    made = _memory_backend()
+    mover = as_mover(TorchFsspecFileSystem())
+    mover.init_path(made.root)
+    return Backend("torch_fsspec", mover, made.root, made.read, made.write, made.exists)
+
+
+@pytest.fixture(params=["local", "file", "memory", "s3", "torch_style", "torch_fsspec"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "memory":
         made = _memory_backend()
+    elif request.param == "torch_fsspec":
+        made = _torch_fsspec_backend()
     elif request.param == "s3":
         made = _s3_backend(request.getfixturevalue("moto"))
     else:
@@ -444,3 +456,36 @@ class _OtherProcessFS(dcpio.FileSystem):
 
 def test_storage_errors_are_checkpoint_errors() -> None:
     assert issubclass(CorruptCheckpointError, CheckpointError)
+
+
+def test_race_thread_scratch_is_never_shared() -> None:
+    from dcpio.tensor_bytes import thread_scratch
+
+    barrier = threading.Barrier(12)
+
+    def fill(i: int) -> bool:
+        buf = thread_scratch("race", 4096 + i)
+        buf.fill_(i)
+        barrier.wait()  # every thread has filled its buffer before any checks: a shared buffer would show
+        again = thread_scratch("race", 4096 + i)
+        return bool((again == i).all()) and again.data_ptr() == buf.data_ptr()
+
+    assert all(_race(12, fill))
+
+
+def test_race_engine_source_cache_opens_each_file_once(tmp_path: Path) -> None:
+    from dcpio.engine.load import SourceCache
+    from dcpio.engine.sources import IOStats
+
+    (tmp_path / "h.bin").write_bytes(PAYLOAD)
+    opened: list[str] = []
+
+    class Counting(dcpio.FileSystem):
+        def open_reader(self, path: str | os.PathLike[str]) -> Any:
+            opened.append(str(path))
+            return super().open_reader(path)
+
+    cache = SourceCache(Counting(), IOStats())
+    sources = _race(16, lambda i: cache(str(tmp_path / "h.bin")))
+    assert all(s is sources[0] for s in sources) and opened == [str(tmp_path / "h.bin")]
+    cache.close()

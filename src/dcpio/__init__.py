@@ -24,6 +24,7 @@ from dcpio.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     PlanMismatchError,
+    SaveConflictError,
     StorageFullError,
     UnsafeCheckpointError,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "IOStats",
     "IncompleteCheckpointError",
     "PlanMismatchError",
+    "SaveConflictError",
     "SerializationFormat",
     "StorageFullError",
     "StreamTransformExtension",

@@ -28,6 +28,7 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
     "PlanMismatchError",
+    "SaveConflictError",
     "StorageFullError",
     "UnsafeCheckpointError",
 ]
@@ -85,3 +86,7 @@ class CheckpointReadError(CheckpointError):
 
 class PlanMismatchError(CheckpointError):
     """The load plan asks for a tensor or a shape that the checkpoint does not hold."""
+
+
+class SaveConflictError(CheckpointWriteError):
+    """Another save is writing into the same checkpoint directory; this one stopped before writing anything."""

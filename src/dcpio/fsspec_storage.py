@@ -17,11 +17,20 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from dcpio.movers.base import FileSystemBase
 from dcpio.movers.fsspec import FsspecFileSystem
+from dcpio.movers.registry import mover_for, protocol_of
 from dcpio.reader import FileSystemReader
 from dcpio.writer import FileSystemWriter, SerializationFormat
 
 __all__ = ["FsspecReader", "FsspecWriter"]
+
+
+def _mover(path: str | os.PathLike[str], storage_options: dict[str, Any]) -> FileSystemBase:
+    """The mover the registry picks for a URL (install hints included); plain paths go through fsspec's local."""
+    if protocol_of(path) is None:
+        return FsspecFileSystem(path, **storage_options)
+    return mover_for(path, **storage_options)
 
 
 class FsspecWriter(FileSystemWriter):
@@ -61,7 +70,7 @@ class FsspecWriter(FileSystemWriter):
             overwrite=overwrite,
             _extensions=_extensions,
             serialization_format=serialization_format,
-            _fs=FsspecFileSystem(path, **storage_options),
+            _fs=_mover(path, storage_options),
         )
 
     @classmethod
@@ -106,7 +115,7 @@ class FsspecReader(FileSystemReader):
             allow_pickle=allow_pickle,
             process_group=process_group,
             replicated_reads=replicated_reads,
-            _fs=FsspecFileSystem(path, **storage_options),
+            _fs=_mover(path, storage_options),
         )
 
     @classmethod

@@ -10,8 +10,10 @@ of one ``use_collectives=False`` save do not exclude each other). It holds JSON:
 It is created atomically with its content (written to a private file, then hard-linked to the lock name, which
 fails if the name exists), so no reader ever sees an empty lock. A lock is stale, and taken over, when its holder
 ran on this host and its process is gone (a killed save), or when it is this process's own (an earlier save of
-this process that failed on another rank never reached its release). A lock held from another host cannot be
-checked: the error says which host and how to remove it. Stores without exclusive creation (object stores) use the
+this process that failed on another rank never reached its release). So two saves of one process into one
+directory (overlapping ``async_save`` calls) are not excluded: wait for one ``async_save`` future before starting
+the next into the same directory. A lock held from another host cannot be checked: the error says which host and
+how to remove it. Stores without exclusive creation (object stores) use the
 mover's ``create_new_bytes`` (a conditional PUT where the store has one).
 """
 
@@ -23,17 +25,13 @@ import socket
 import time
 from typing import Any
 
-from dcpio.errors import CheckpointError, CheckpointWriteError
+from dcpio.errors import CheckpointError, SaveConflictError
 from dcpio.movers.base import FileSystemBase
 
 __all__ = ["LOCK_NAME", "SaveConflictError", "SaveLock", "lock_name"]
 
 LOCK_NAME = ".dcpio.lock"
 _LOCK_READ_LIMIT = 4096
-
-
-class SaveConflictError(CheckpointWriteError):
-    """Another save is writing into the same checkpoint directory; this one stopped before writing anything."""
 
 
 def lock_name(rank: int | None) -> str:
@@ -54,7 +52,17 @@ def _alive(pid: int) -> bool:
 
 
 class SaveLock:
-    """The lock of one save. ``acquire`` before writing, ``release`` after the commit (or on failure)."""
+    """The lock of one save. ``acquire`` before writing, ``release`` after the commit (or on failure).
+
+    Example::
+
+        lock = SaveLock(dcpio.FileSystem(), "ckpt", save_id)
+        lock.acquire()          # SaveConflictError while another live save holds it
+        try:
+            ...                 # write, commit
+        finally:
+            lock.release()
+    """
 
     def __init__(self, fs: FileSystemBase, directory: Any, save_id: str, rank: int | None = None) -> None:
         self.fs = fs

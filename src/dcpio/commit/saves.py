@@ -18,8 +18,8 @@ The generation is agreed without any collective, from what is on storage when ea
 :func:`next_generation`): ranks that start from one consistent checkpoint pick the same number whatever order they
 commit in. After a rank died, the ranks stay apart (the load keeps refusing, loudly) until a later save in which the
 ranks that committed last time commit first, or a collective save; files can never tell a rank whether another
-rank's newer metadata is from this save or from the one it missed. The marker is found in a metadata file's
-bytes without unpickling.
+rank's newer metadata is from this save or from the one it missed. The marker is found in the last bytes of
+a metadata file, without unpickling it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from dcpio import knobs
 from dcpio.errors import CheckpointError, IncompleteCheckpointError
 from dcpio.movers.base import FileSystemBase
 
@@ -46,6 +45,9 @@ GENERATION_PREFIX = "dcpio.save_generation="
 _GEN_BYTES = re.compile(rb"dcpio\.save_generation=(\d{1,18})")
 _RANK_METADATA = re.compile(r"^__(\d{1,9})\.metadata$")
 GLOBAL_METADATA = ".metadata"
+# how much of a metadata file's end is searched for the marker (storage_meta holds the checkpoint path, at most a few
+# KiB, then the marker and the version)
+_TAIL_BYTES = 64 << 10
 
 
 def record_generation(meta: StorageMeta, generation: int) -> StorageMeta:
@@ -85,8 +87,16 @@ def per_rank_metadata(names: list[str]) -> dict[int, str]:
 
 
 def _file_generation(fs: FileSystemBase, root: Any, name: str) -> int | None:
+    # storage_meta is pickled after the per-item tables, a few dozen bytes before the end: a tail read finds the
+    # marker without reading (or unpickling) a metadata file of many megabytes, once per rank and load
     try:
-        data = fs.read_file(str(fs.concat_path(root, name)), knobs.max_metadata_bytes())
+        handle = fs.open_reader(str(fs.concat_path(root, name)))
+        try:
+            size = handle.size()
+            start = max(0, size - _TAIL_BYTES)
+            data = handle.read(start, size - start)
+        finally:
+            handle.close()
     except (OSError, CheckpointError):
         return None  # unreadable: the load of that file reports it; it votes for no generation
     match = _GEN_BYTES.search(data)

@@ -177,17 +177,39 @@ class PutLastCommit(CommitStrategy):
 
 
 def strategy_for(fs: FileSystemBase) -> CommitStrategy:
-    """The strategy the mover's capabilities call for: rename where it is atomic, put-last elsewhere."""
+    """The strategy the mover's capabilities call for: rename where it is atomic, put-last elsewhere.
+
+    Example::
+
+        strategy_for(dcpio.FileSystem()).name                      # "atomic-rename"
+        strategy_for(FsspecFileSystem("memory://x")).name          # "put-last"
+    """
     return AtomicRenameCommit() if fs.supports_atomic_rename else PutLastCommit()
 
 
 def stage_file(fs: FileSystemBase, final: str) -> StagedFile:
-    """Open ``final`` for streaming through the mover's commit strategy (see :func:`strategy_for`)."""
+    """Open ``final`` for streaming through the mover's commit strategy (see :func:`strategy_for`).
+
+    Example::
+
+        staged = stage_file(dcpio.FileSystem(), "out/model.safetensors")
+        try:
+            staged.write([memoryview(header), memoryview(data)])
+            staged.commit(sync=True)
+        except BaseException:
+            staged.abort()
+            raise
+    """
     return strategy_for(fs).stage(fs, str(final))
 
 
 def publish_bytes(fs: FileSystemBase, final: str, data: bytes, sync: bool) -> None:
-    """Publish a small file (metadata, an index) all at once through the mover's commit strategy."""
+    """Publish a small file (metadata, an index) all at once through the mover's commit strategy.
+
+    Example::
+
+        publish_bytes(dcpio.FileSystem(), "ckpt/.metadata", pickle.dumps(metadata), sync=True)
+    """
     strategy_for(fs).publish(fs, str(final), data, sync)
 
 
@@ -204,6 +226,14 @@ class GroupCommit:
        names allow no single atomic switch. Every file is still whole (a rename never exposes a partial file).
     3. The index is published last (:func:`publish_bytes`). Once it is durable, the new set is committed; files of
        the previous set that the new index does not name are removed only after this point, by the caller.
+
+    Example::
+
+        group = GroupCommit(fs, "export")
+        for name, tensors in files.items():
+            staged = group.stage(name)
+            write_staged(staged, ..., publish=False)        # dcpio.formats.safetensors; finish, no rename yet
+        group.commit(files, "model.safetensors.index.json", index_bytes, sync=True)
     """
 
     def __init__(self, fs: FileSystemBase, directory: str) -> None:

@@ -103,7 +103,7 @@ class _Group:
         return f"{self.info.relative_path}: {kind} '{item_name(self.requests[0].storage_index)}'"
 
 
-class _Sources:
+class SourceCache:
     """One open source per file, shared by the threads (positional reads need no per-thread state)."""
 
     def __init__(self, fs: FileSystemBase, stats: IOStats) -> None:
@@ -130,7 +130,7 @@ class _Load:
     """What every task of one load shares."""
 
     opts: ReadOptions
-    sources: _Sources
+    sources: SourceCache
     caps: dict[str, Capabilities]
     targets: dict[int, torch.Tensor]
     stats: IOStats
@@ -201,7 +201,7 @@ def read_plan(
     started = time.perf_counter()
     groups = _group(items, storage_data, fs, opts.root)
     stats = IOStats(items=len(groups), files=len({g.path for g in groups}))
-    sources = _Sources(fs, stats)
+    sources = SourceCache(fs, stats)
     load = _Load(opts, sources, {}, {}, stats)
     try:
         for group in groups:

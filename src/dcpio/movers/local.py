@@ -16,6 +16,7 @@ import errno
 import io
 import mmap
 import os
+import socket
 import stat
 import threading
 from collections.abc import Generator, Sequence
@@ -266,6 +267,38 @@ class LocalReadHandle(ReadHandle):
             os.close(fd)
 
 
+_HOST = socket.gethostname().replace("/", "_")
+
+
+def _sweep_private(path: str) -> None:
+    """Remove private files of :meth:`FileSystem.create_new_bytes` left by killed processes of this host."""
+    directory, base = os.path.split(path)
+    prefix = f"{base}.{_HOST}."
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".new")):
+            continue
+        pid = name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError:  # another process swept it first
+                pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
 class FileSystem(FileSystemBase):
     """The local filesystem, with zero-copy vectored writes and positional reads."""
 
@@ -320,11 +353,11 @@ class FileSystem(FileSystemBase):
     def create_new_bytes(self, path: PathLike, data: bytes) -> bool:
         # written under a private name, then hard-linked to ``path``: the link fails if the name exists, so the
         # file appears with its whole content or not at all (a reader never sees it empty)
-        private = f"{path}.{os.getpid()}.{threading.get_ident()}.new"
+        _sweep_private(str(path))
+        private = f"{path}.{_HOST}.{os.getpid()}.{threading.get_ident()}.new"
         handle = LocalWriteHandle(private)
         try:
-            handle.write([memoryview(data)])
-            handle.sync()
+            handle.write([memoryview(data)])  # no fsync: after a power loss a lock is stale whatever it holds
             handle.close()
             os.link(private, path, follow_symlinks=False)
         except FileExistsError:
