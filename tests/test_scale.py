@@ -133,7 +133,7 @@ def replicated_worker(rank: int, world: int, root: str) -> None:
     _cut_small_pieces()
     sd = _replicated_state()
     dcp.save(sd, storage_writer=dcpio.FileSystemWriter(root))
-    for mode in (True, False):
+    for mode in (True, False, "auto"):
         fs = CountingFileSystem()
         dest = template_like(sd)
         with trusted_objects():
@@ -167,7 +167,7 @@ def sharded_worker(rank: int, world: int, root: str) -> None:
         for i, (k, v) in enumerate(full.items())
     }
     fs = CountingFileSystem()
-    reader = _PlanSpy(root, _fs=fs)
+    reader = _PlanSpy(root, replicated_reads=True, _fs=fs)  # on even where "auto" would not share
     dcp.load(dest, storage_reader=reader)
     for k in sd:
         assert_tree_equal(sd[k].to_local(), dest[k].to_local(), f"rank {rank}: {k}")
@@ -213,7 +213,7 @@ def failing_worker(rank: int, world: int, root: str) -> None:
     for case, path in cases.items():
         try:
             with trusted_objects():
-                dcp.load(template_like(sd), storage_reader=dcpio.FileSystemReader(path))
+                dcp.load(template_like(sd), storage_reader=dcpio.FileSystemReader(path, replicated_reads=True))
         except BaseException as err:  # torch raises CheckpointException, a BaseException
             own = _own_failure(err, rank)
             chain = exception_chain(own)
@@ -285,7 +285,7 @@ def cuda_destination_worker(rank: int, world: int, root: str) -> None:
     dest = {k: (template_like(v) if k != "big" else torch.zeros_like(v, device="cuda")) for k, v in gpu.items()}
     dest["mid"]["a"] = dest["mid"]["a"].cuda()
     fs = CountingFileSystem()
-    dcp.load(dest, storage_reader=dcpio.FileSystemReader(root, _fs=fs))
+    dcp.load(dest, storage_reader=dcpio.FileSystemReader(root, replicated_reads=True, _fs=fs))
     dest["big"], dest["mid"]["a"] = dest["big"].cpu(), dest["mid"]["a"].cpu()
     assert_tree_equal(gpu, dest, f"rank {rank}")
     _report(kind="cuda", rank=rank, data=fs.data_bytes())
@@ -303,7 +303,11 @@ def nccl_worker(rank: int, world: int, root: str) -> None:
     dcp.save(sd, storage_writer=dcpio.FileSystemWriter(root), process_group=pg)
     dest = {"big": torch.zeros(768, 1024, device=f"cuda:{rank}"), "step": None}
     fs = CountingFileSystem()
-    dcp.load(dest, storage_reader=dcpio.FileSystemReader(root, _fs=fs, process_group=pg), process_group=pg)
+    dcp.load(
+        dest,
+        storage_reader=dcpio.FileSystemReader(root, _fs=fs, process_group=pg, replicated_reads=True),
+        process_group=pg,
+    )
     assert_tree_equal(sd["big"], dest["big"].cpu(), f"rank {rank}")
     _report(kind="nccl", rank=rank, data=fs.data_bytes())
 
@@ -311,6 +315,80 @@ def nccl_worker(rank: int, world: int, root: str) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 # tests (in the pytest process)
 # ------------------------------------------------------------------------------------------------------------------
+
+
+def _single_process_plan(tmp_path: Path, sd: dict[str, Any]) -> tuple[Any, Any, Any]:
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    dcp.save(sd, storage_writer=dcpio.FileSystemWriter(tmp_path), no_dist=True)
+    reader = dcpio.FileSystemReader(tmp_path)
+    metadata = reader.read_metadata()
+    reader.set_up_storage_reader(metadata, True)
+    planner = DefaultLoadPlanner()
+    planner.set_up_planner(template_like(sd), metadata, True)
+    return planner.create_local_plan(), metadata, reader.storage_data
+
+
+def test_assign_gives_each_shared_unit_to_one_rank_and_balances_them(tmp_path: Path) -> None:
+    from dcpio import shared_reads
+
+    gen = torch.Generator().manual_seed(0)
+    sd: dict[str, Any] = {f"w{i}": rand_tensor((64, 64), torch.float32, gen) for i in range(8)}
+    sd["step"] = 3
+    plan, metadata, storage = _single_process_plan(tmp_path, sd)
+    out = shared_reads.assign([plan] * 4, metadata, storage, 4)
+    schedules = [p.storage_data for p in out]
+    assert all(isinstance(s, shared_reads.SharedReadPlan) for s in schedules)
+    assert all(s.transfers == schedules[0].transfers for s in schedules)  # every rank needs every unit
+    units = [(t.src, u.key) for t in schedules[0].transfers for u in t.units]
+    assert sorted(key for _, key in units) == sorted(shared_reads.unit_key(req) for req in plan.items)
+    per_rank = collections.Counter(src for src, _ in units)
+    assert sorted(per_rank) == [0, 1, 2, 3] and max(per_rank.values()) - min(per_rank.values()) <= 1, per_rank
+
+
+def test_auto_shares_data_only_across_hosts(tmp_path: Path) -> None:
+    import dataclasses
+
+    from dcpio import shared_reads
+
+    sd = {"w": rand_tensor((64, 64), torch.float32, torch.Generator().manual_seed(0)), "step": 1}
+    plan, metadata, storage = _single_process_plan(tmp_path, sd)
+
+    def on_hosts(*hosts: str) -> list[Any]:
+        return [dataclasses.replace(plan, storage_data=shared_reads.RankFacts(h)) for h in hosts]
+
+    one_host = shared_reads.assign(on_hosts("a", "a"), metadata, storage, 2, always=False)
+    assert [p.storage_data for p in one_host] == [None, None]
+    two_hosts = shared_reads.assign(on_hosts("a", "b"), metadata, storage, 2, always=False)
+    assert all(isinstance(p.storage_data, shared_reads.SharedReadPlan) for p in two_hosts)
+    forced = shared_reads.assign(on_hosts("a", "a"), metadata, storage, 2, always=True)
+    assert all(isinstance(p.storage_data, shared_reads.SharedReadPlan) for p in forced)
+
+
+def test_assign_leaves_sharded_plans_untouched(tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    from dcpio import shared_reads
+
+    gen = torch.Generator().manual_seed(0)
+    plan, metadata, storage = _single_process_plan(
+        tmp_path, {f"w{i}": rand_tensor((8, 8), torch.float32, gen) for i in range(8)}
+    )
+    plans = [LoadPlan(plan.items[i::4]) for i in range(4)]
+    assert shared_reads.assign(plans, metadata, storage, 4) is plans
+
+
+def test_assign_cuts_a_large_replicated_tensor_over_the_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dcpio import shared_reads
+
+    monkeypatch.setattr(shared_reads, "_SPLIT_BYTES", 64 << 10)
+    sd = {"big": rand_tensor((256, 256), torch.float32, torch.Generator().manual_seed(1))}  # 256 KiB: 4 pieces
+    plan, metadata, storage = _single_process_plan(tmp_path, sd)
+    out = shared_reads.assign([plan] * 4, metadata, storage, 4)
+    pieces = sorted((tuple(r.storage_offsets), tuple(r.lengths)) for r in out[2].items)
+    assert pieces == [((row, 0), (64, 256)) for row in (0, 64, 128, 192)]
+    sources = sorted(t.src for t in out[0].storage_data.transfers)
+    assert sources == [0, 1, 2, 3]
 
 
 def _data_size(root: Path) -> int:
@@ -322,9 +400,10 @@ def test_metadata_and_replicated_bytes_are_read_once(tmp_path: Path) -> None:
     root = tmp_path / "ck"
     outs = spawn_ranks(3, "test_scale:replicated_worker", [str(root)], tmp_path, timeout=240, env=_ENV)
     loads = _reports(outs, "load")
-    on = [r for r in loads if r["shared"]]
-    off = [r for r in loads if not r["shared"]]
-    assert len(on) == len(off) == 3, loads
+    on = [r for r in loads if r["shared"] is True]
+    off = [r for r in loads if r["shared"] is False]
+    auto = [r for r in loads if r["shared"] == "auto"]
+    assert len(on) == len(off) == len(auto) == 3, loads
     md_size = (root / ".metadata").stat().st_size
     data_size = _data_size(root)
     # .metadata: read by one rank, broadcast to the others; without sharing every rank reads it
@@ -335,6 +414,10 @@ def test_metadata_and_replicated_bytes_are_read_once(tmp_path: Path) -> None:
     assert sum(r["data"] for r in off) >= 2.9 * data_size, (off, data_size)
     assert max(r["data"] for r in on) <= 0.6 * data_size, (on, data_size)
     assert min(r["data"] for r in on) >= 0.1 * data_size, (on, data_size)
+    # "auto" on one host and a local disk: .metadata still once, the data read by every rank (the page cache
+    # already turns those reads into one)
+    assert sum(r["metadata"] for r in auto) == md_size, auto
+    assert sum(r["data"] for r in auto) >= 2.9 * data_size, (auto, data_size)
 
 
 @pytest.mark.slow

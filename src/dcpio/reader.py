@@ -15,6 +15,7 @@ structural checks only (record layout, sizes and offsets against the file).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import os
@@ -64,6 +65,8 @@ class FileSystemReader(StorageReader):
             ``.metadata`` is read by one rank and broadcast, and every stored byte range that several ranks load
             (a ``Replicate()`` placement, plain tensors every rank loads, step counters) is read by one rank and
             broadcast over the group; checksums are verified by the rank that read. Sharded loads are unaffected.
+            ``"auto"`` shares the data only where that helps: on object stores, or when the ranks run on more than
+            one host (on one host the page cache already reads a file once for all ranks); True always does.
 
     Example::
 
@@ -216,12 +219,16 @@ class FileSystemReader(StorageReader):
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         start_gc_pause(self)  # through torch's global planning to the last byte of this load; see GcPause
+        if self._group is not None and plan.storage_data is None:
+            plan = dataclasses.replace(plan, storage_data=shared_reads.rank_facts())  # for the coordinator
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         if self._group is None or self._metadata is None:
             return plans
-        return shared_reads.assign(plans, self._metadata, self.storage_data, self._group.world)
+        # "auto" shares data where it helps: object stores, or ranks on several hosts (see dcpio.shared_reads)
+        always = self.replicated_reads is True or self.fs.local_root(str(self.path)) is None
+        return shared_reads.assign(plans, self._metadata, self.storage_data, self._group.world, always=always)
 
     def _check_bytes(self, req: ReadItem, data: bytes) -> None:
         """Refuse a non-tensor value whose unpickling would need more than torch's weights_only rules allow."""
