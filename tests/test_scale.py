@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import dcpio
+from dcpio._runtime import pauses_held
 from dcpio.movers.base import ReadHandle
 from helpers import (
     assert_tree_equal,
@@ -237,9 +238,10 @@ def save_decision_worker(rank: int, world: int, root: str) -> None:
         dcp.save(sd, storage_writer=dcpio.FileSystemWriter(root, overwrite=False))
     except BaseException as err:  # torch raises CheckpointException, a BaseException
         own = _own_failure(err, rank)
-        _report(kind="refused", rank=rank, types=[type(e).__name__ for e in exception_chain(own)])
+        types = [type(e).__name__ for e in exception_chain(own)]
+        _report(kind="refused", rank=rank, types=types, pauses=pauses_held())
     else:
-        _report(kind="refused", rank=rank, types=[])
+        _report(kind="refused", rank=rank, types=[], pauses=pauses_held())
 
 
 def process_async_worker(rank: int, world: int, root: str) -> None:
@@ -469,6 +471,8 @@ def test_save_existence_checks_run_on_the_coordinator_only(tmp_path: Path) -> No
     assert saves[0].get("ls", 0) >= 1, saves
     refused = _reports(outs, "refused")
     assert len(refused) == 2 and all("CheckpointExistsError" in r["types"] for r in refused), refused
+    # every rank raised the refusal itself, in write_data, which ended its collector pause too
+    assert all(r["types"][0] == "CheckpointExistsError" and r["pauses"] == 0 for r in refused), refused
 
 
 @pytest.mark.slow
