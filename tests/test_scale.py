@@ -163,6 +163,14 @@ def sharded_worker(rank: int, world: int, root: str) -> None:
         for i, (k, v) in enumerate(full.items())
     }
     dcp.save(sd, storage_writer=dcpio.FileSystemWriter(root))
+    if rank == 0:
+        # outside a collective dcp.load the reader finds no group to share over: rank 0 alone must not wait for
+        # the others (a hang here ends in spawn_ranks' timeout)
+        dcpio.FileSystemReader(root).read_metadata()
+        alone = {k: torch.zeros_like(v) for k, v in full.items()}
+        dcp.load(alone, storage_reader=dcpio.FileSystemReader(root, replicated_reads=True), no_dist=True)
+        assert_tree_equal(full, alone, "no_dist load on rank 0")
+    dist.barrier()
     dest = {
         k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(i % 2)], src_data_rank=None)
         for i, (k, v) in enumerate(full.items())
@@ -329,6 +337,36 @@ def _single_process_plan(tmp_path: Path, sd: dict[str, Any]) -> tuple[Any, Any, 
     planner = DefaultLoadPlanner()
     planner.set_up_planner(template_like(sd), metadata, True)
     return planner.create_local_plan(), metadata, reader.storage_data
+
+
+def test_replicated_reads_keyword_is_checked() -> None:
+    with pytest.raises(ValueError, match="replicated_reads"):
+        dcpio.FileSystemReader(".", replicated_reads="yes")
+
+
+@pytest.mark.parametrize("how", ["keyword", "knob"])
+def test_staging_budget_zero_writes_everything_while_staging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    gen = torch.Generator().manual_seed(4)
+    sd: dict[str, Any] = {f"t{i}": rand_tensor((64, 33), torch.bfloat16, gen) for i in range(5)}
+    sd["nested"] = {"v": rand_tensor((7,), torch.int64, gen), "empty": torch.empty(0, 3)}
+    sd["step"] = 11
+    expected = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items() if k != "nested"}
+    expected["nested"] = {k: v.clone() for k, v in sd["nested"].items()}
+    if how == "knob":
+        monkeypatch.setenv("DCPIO_STAGING_BUDGET", "1")  # one byte: every non-empty tensor is over it
+        writer = dcpio.FileSystemWriter(tmp_path)
+    else:
+        writer = dcpio.FileSystemWriter(tmp_path, staging_budget=0)
+    future = dcp.async_save(sd, storage_writer=writer)
+    assert len(writer.prewritten) == 6  # the five matrices and "v"; the empty tensor fits any budget
+    for name in ("t0", "t4"):
+        sd[name].fill_(0)  # too late to change the checkpoint
+    future.result()
+    dest = template_like(expected)
+    dcp.load(dest, storage_reader=dcpio.FileSystemReader(tmp_path))
+    assert_tree_equal(expected, dest)
 
 
 def test_assign_gives_each_shared_unit_to_one_rank_and_balances_them(tmp_path: Path) -> None:

@@ -95,6 +95,8 @@ class FileSystemReader(StorageReader):
         self.verify_checksums = verify_checksums
         self.thread_count = thread_count
         self.allow_pickle = allow_pickle
+        if replicated_reads != collectives.AUTO and not isinstance(replicated_reads, bool):
+            raise ValueError(f"replicated_reads must be 'auto', True or False, got {replicated_reads!r}")
         self.process_group: Any = process_group
         self.replicated_reads = replicated_reads
         self._group: collectives.GroupInfo | None = None  # the load's group while one is in progress
@@ -131,9 +133,7 @@ class FileSystemReader(StorageReader):
     def _sharing(self) -> bool:
         if self.replicated_reads == collectives.AUTO:
             return knobs.replicated_reads()
-        if not isinstance(self.replicated_reads, bool):
-            raise ValueError(f"replicated_reads must be 'auto', True or False, got {self.replicated_reads!r}")
-        return self.replicated_reads
+        return bool(self.replicated_reads)
 
     def _metadata_bytes(self, path: str) -> bytes:
         if not self.fs.exists(path):
