@@ -180,6 +180,12 @@ def sharded_worker(rank: int, world: int, root: str) -> None:
     dcp.load(dest, storage_reader=reader)
     for k in sd:
         assert_tree_equal(sd[k].to_local(), dest[k].to_local(), f"rank {rank}: {k}")
+    # a pack holding only empty tensors: "big" goes to one rank, the empty one to the other, alone
+    small = {"big": rand_tensor((512, 1024), torch.float32, gen), "e": torch.empty(0, 5)}
+    dcp.save(small, storage_writer=dcpio.FileSystemWriter(f"{root}-empty"))
+    back = template_like(small)
+    dcp.load(back, storage_reader=dcpio.FileSystemReader(f"{root}-empty", replicated_reads=True))
+    assert_tree_equal(small, back, f"rank {rank}: empty pack")
     _report(
         kind="sharded",
         rank=rank,

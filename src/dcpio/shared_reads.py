@@ -397,7 +397,8 @@ def _move_packed(
     if sending:
         for piece, at in zip(pieces, offsets):
             payload.narrow(0, at, piece.numel()).copy_(piece)
-    _send_recv(payload, transfer, info)
+    if payload.numel():  # only empty tensors: nothing more to move (the header said so on every rank)
+        _send_recv(payload, transfer, info)
     if sending:
         return
     host = payload.cpu()
