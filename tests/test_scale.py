@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import dcpio
+from dcpio._runtime import pauses_held
 from dcpio.movers.base import ReadHandle
 from helpers import (
     assert_tree_equal,
@@ -133,7 +134,7 @@ def replicated_worker(rank: int, world: int, root: str) -> None:
     _cut_small_pieces()
     sd = _replicated_state()
     dcp.save(sd, storage_writer=dcpio.FileSystemWriter(root))
-    for mode in (True, False):
+    for mode in (True, False, "auto"):
         fs = CountingFileSystem()
         dest = template_like(sd)
         with trusted_objects():
@@ -162,15 +163,29 @@ def sharded_worker(rank: int, world: int, root: str) -> None:
         for i, (k, v) in enumerate(full.items())
     }
     dcp.save(sd, storage_writer=dcpio.FileSystemWriter(root))
+    if rank == 0:
+        # outside a collective dcp.load the reader finds no group to share over: rank 0 alone must not wait for
+        # the others (a hang here ends in spawn_ranks' timeout)
+        dcpio.FileSystemReader(root).read_metadata()
+        alone = {k: torch.zeros_like(v) for k, v in full.items()}
+        dcp.load(alone, storage_reader=dcpio.FileSystemReader(root, replicated_reads=True), no_dist=True)
+        assert_tree_equal(full, alone, "no_dist load on rank 0")
+    dist.barrier()
     dest = {
         k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(i % 2)], src_data_rank=None)
         for i, (k, v) in enumerate(full.items())
     }
     fs = CountingFileSystem()
-    reader = _PlanSpy(root, _fs=fs)
+    reader = _PlanSpy(root, replicated_reads=True, _fs=fs)  # on even where "auto" would not share
     dcp.load(dest, storage_reader=reader)
     for k in sd:
         assert_tree_equal(sd[k].to_local(), dest[k].to_local(), f"rank {rank}: {k}")
+    # a pack holding only empty tensors: "big" goes to one rank, the empty one to the other, alone
+    small = {"big": rand_tensor((512, 1024), torch.float32, gen), "e": torch.empty(0, 5)}
+    dcp.save(small, storage_writer=dcpio.FileSystemWriter(f"{root}-empty"))
+    back = template_like(small)
+    dcp.load(back, storage_reader=dcpio.FileSystemReader(f"{root}-empty", replicated_reads=True))
+    assert_tree_equal(small, back, f"rank {rank}: empty pack")
     _report(
         kind="sharded",
         rank=rank,
@@ -213,7 +228,7 @@ def failing_worker(rank: int, world: int, root: str) -> None:
     for case, path in cases.items():
         try:
             with trusted_objects():
-                dcp.load(template_like(sd), storage_reader=dcpio.FileSystemReader(path))
+                dcp.load(template_like(sd), storage_reader=dcpio.FileSystemReader(path, replicated_reads=True))
         except BaseException as err:  # torch raises CheckpointException, a BaseException
             own = _own_failure(err, rank)
             chain = exception_chain(own)
@@ -237,9 +252,10 @@ def save_decision_worker(rank: int, world: int, root: str) -> None:
         dcp.save(sd, storage_writer=dcpio.FileSystemWriter(root, overwrite=False))
     except BaseException as err:  # torch raises CheckpointException, a BaseException
         own = _own_failure(err, rank)
-        _report(kind="refused", rank=rank, types=[type(e).__name__ for e in exception_chain(own)])
+        types = [type(e).__name__ for e in exception_chain(own)]
+        _report(kind="refused", rank=rank, types=types, pauses=pauses_held())
     else:
-        _report(kind="refused", rank=rank, types=[])
+        _report(kind="refused", rank=rank, types=[], pauses=pauses_held())
 
 
 def process_async_worker(rank: int, world: int, root: str) -> None:
@@ -285,7 +301,7 @@ def cuda_destination_worker(rank: int, world: int, root: str) -> None:
     dest = {k: (template_like(v) if k != "big" else torch.zeros_like(v, device="cuda")) for k, v in gpu.items()}
     dest["mid"]["a"] = dest["mid"]["a"].cuda()
     fs = CountingFileSystem()
-    dcp.load(dest, storage_reader=dcpio.FileSystemReader(root, _fs=fs))
+    dcp.load(dest, storage_reader=dcpio.FileSystemReader(root, replicated_reads=True, _fs=fs))
     dest["big"], dest["mid"]["a"] = dest["big"].cpu(), dest["mid"]["a"].cpu()
     assert_tree_equal(gpu, dest, f"rank {rank}")
     _report(kind="cuda", rank=rank, data=fs.data_bytes())
@@ -303,7 +319,11 @@ def nccl_worker(rank: int, world: int, root: str) -> None:
     dcp.save(sd, storage_writer=dcpio.FileSystemWriter(root), process_group=pg)
     dest = {"big": torch.zeros(768, 1024, device=f"cuda:{rank}"), "step": None}
     fs = CountingFileSystem()
-    dcp.load(dest, storage_reader=dcpio.FileSystemReader(root, _fs=fs, process_group=pg), process_group=pg)
+    dcp.load(
+        dest,
+        storage_reader=dcpio.FileSystemReader(root, _fs=fs, process_group=pg, replicated_reads=True),
+        process_group=pg,
+    )
     assert_tree_equal(sd["big"], dest["big"].cpu(), f"rank {rank}")
     _report(kind="nccl", rank=rank, data=fs.data_bytes())
 
@@ -311,6 +331,110 @@ def nccl_worker(rank: int, world: int, root: str) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 # tests (in the pytest process)
 # ------------------------------------------------------------------------------------------------------------------
+
+
+def _single_process_plan(tmp_path: Path, sd: dict[str, Any]) -> tuple[Any, Any, Any]:
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    dcp.save(sd, storage_writer=dcpio.FileSystemWriter(tmp_path), no_dist=True)
+    reader = dcpio.FileSystemReader(tmp_path)
+    metadata = reader.read_metadata()
+    reader.set_up_storage_reader(metadata, True)
+    planner = DefaultLoadPlanner()
+    planner.set_up_planner(template_like(sd), metadata, True)
+    return planner.create_local_plan(), metadata, reader.storage_data
+
+
+def test_replicated_reads_keyword_is_checked() -> None:
+    with pytest.raises(ValueError, match="replicated_reads"):
+        dcpio.FileSystemReader(".", replicated_reads="yes")
+
+
+@pytest.mark.parametrize("how", ["keyword", "knob"])
+def test_staging_budget_zero_writes_everything_while_staging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    gen = torch.Generator().manual_seed(4)
+    sd: dict[str, Any] = {f"t{i}": rand_tensor((64, 33), torch.bfloat16, gen) for i in range(5)}
+    sd["nested"] = {"v": rand_tensor((7,), torch.int64, gen), "empty": torch.empty(0, 3)}
+    sd["step"] = 11
+    expected = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items() if k != "nested"}
+    expected["nested"] = {k: v.clone() for k, v in sd["nested"].items()}
+    if how == "knob":
+        monkeypatch.setenv("DCPIO_STAGING_BUDGET", "1")  # one byte: every non-empty tensor is over it
+        writer = dcpio.FileSystemWriter(tmp_path)
+    else:
+        writer = dcpio.FileSystemWriter(tmp_path, staging_budget=0)
+    future = dcp.async_save(sd, storage_writer=writer)
+    assert len(writer.prewritten) == 6  # the five matrices and "v"; the empty tensor fits any budget
+    for name in ("t0", "t4"):
+        sd[name].fill_(0)  # too late to change the checkpoint
+    future.result()
+    dest = template_like(expected)
+    dcp.load(dest, storage_reader=dcpio.FileSystemReader(tmp_path))
+    assert_tree_equal(expected, dest)
+
+
+def test_assign_gives_each_shared_unit_to_one_rank_and_balances_them(tmp_path: Path) -> None:
+    from dcpio import shared_reads
+
+    gen = torch.Generator().manual_seed(0)
+    sd: dict[str, Any] = {f"w{i}": rand_tensor((64, 64), torch.float32, gen) for i in range(8)}
+    sd["step"] = 3
+    plan, metadata, storage = _single_process_plan(tmp_path, sd)
+    out = shared_reads.assign([plan] * 4, metadata, storage, 4)
+    schedules = [p.storage_data for p in out]
+    assert all(isinstance(s, shared_reads.SharedReadPlan) for s in schedules)
+    assert all(s.transfers == schedules[0].transfers for s in schedules)  # every rank needs every unit
+    units = [(t.src, u.key) for t in schedules[0].transfers for u in t.units]
+    assert sorted(key for _, key in units) == sorted(shared_reads.unit_key(req) for req in plan.items)
+    per_rank = collections.Counter(src for src, _ in units)
+    assert sorted(per_rank) == [0, 1, 2, 3] and max(per_rank.values()) - min(per_rank.values()) <= 1, per_rank
+
+
+def test_auto_shares_data_only_across_hosts(tmp_path: Path) -> None:
+    import dataclasses
+
+    from dcpio import shared_reads
+
+    sd = {"w": rand_tensor((64, 64), torch.float32, torch.Generator().manual_seed(0)), "step": 1}
+    plan, metadata, storage = _single_process_plan(tmp_path, sd)
+
+    def on_hosts(*hosts: str) -> list[Any]:
+        return [dataclasses.replace(plan, storage_data=shared_reads.RankFacts(h)) for h in hosts]
+
+    one_host = shared_reads.assign(on_hosts("a", "a"), metadata, storage, 2, always=False)
+    assert [p.storage_data for p in one_host] == [None, None]
+    two_hosts = shared_reads.assign(on_hosts("a", "b"), metadata, storage, 2, always=False)
+    assert all(isinstance(p.storage_data, shared_reads.SharedReadPlan) for p in two_hosts)
+    forced = shared_reads.assign(on_hosts("a", "a"), metadata, storage, 2, always=True)
+    assert all(isinstance(p.storage_data, shared_reads.SharedReadPlan) for p in forced)
+
+
+def test_assign_leaves_sharded_plans_untouched(tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    from dcpio import shared_reads
+
+    gen = torch.Generator().manual_seed(0)
+    plan, metadata, storage = _single_process_plan(
+        tmp_path, {f"w{i}": rand_tensor((8, 8), torch.float32, gen) for i in range(8)}
+    )
+    plans = [LoadPlan(plan.items[i::4]) for i in range(4)]
+    assert shared_reads.assign(plans, metadata, storage, 4) is plans
+
+
+def test_assign_cuts_a_large_replicated_tensor_over_the_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dcpio import shared_reads
+
+    monkeypatch.setattr(shared_reads, "_SPLIT_BYTES", 64 << 10)
+    sd = {"big": rand_tensor((256, 256), torch.float32, torch.Generator().manual_seed(1))}  # 256 KiB: 4 pieces
+    plan, metadata, storage = _single_process_plan(tmp_path, sd)
+    out = shared_reads.assign([plan] * 4, metadata, storage, 4)
+    pieces = sorted((tuple(r.storage_offsets), tuple(r.lengths)) for r in out[2].items)
+    assert pieces == [((row, 0), (64, 256)) for row in (0, 64, 128, 192)]
+    sources = sorted(t.src for t in out[0].storage_data.transfers)
+    assert sources == [0, 1, 2, 3]
 
 
 def _data_size(root: Path) -> int:
@@ -322,9 +446,10 @@ def test_metadata_and_replicated_bytes_are_read_once(tmp_path: Path) -> None:
     root = tmp_path / "ck"
     outs = spawn_ranks(3, "test_scale:replicated_worker", [str(root)], tmp_path, timeout=240, env=_ENV)
     loads = _reports(outs, "load")
-    on = [r for r in loads if r["shared"]]
-    off = [r for r in loads if not r["shared"]]
-    assert len(on) == len(off) == 3, loads
+    on = [r for r in loads if r["shared"] is True]
+    off = [r for r in loads if r["shared"] is False]
+    auto = [r for r in loads if r["shared"] == "auto"]
+    assert len(on) == len(off) == len(auto) == 3, loads
     md_size = (root / ".metadata").stat().st_size
     data_size = _data_size(root)
     # .metadata: read by one rank, broadcast to the others; without sharing every rank reads it
@@ -335,6 +460,10 @@ def test_metadata_and_replicated_bytes_are_read_once(tmp_path: Path) -> None:
     assert sum(r["data"] for r in off) >= 2.9 * data_size, (off, data_size)
     assert max(r["data"] for r in on) <= 0.6 * data_size, (on, data_size)
     assert min(r["data"] for r in on) >= 0.1 * data_size, (on, data_size)
+    # "auto" on one host and a local disk: .metadata still once, the data read by every rank (the page cache
+    # already turns those reads into one)
+    assert sum(r["metadata"] for r in auto) == md_size, auto
+    assert sum(r["data"] for r in auto) >= 2.9 * data_size, (auto, data_size)
 
 
 @pytest.mark.slow
@@ -386,6 +515,8 @@ def test_save_existence_checks_run_on_the_coordinator_only(tmp_path: Path) -> No
     assert saves[0].get("ls", 0) >= 1, saves
     refused = _reports(outs, "refused")
     assert len(refused) == 2 and all("CheckpointExistsError" in r["types"] for r in refused), refused
+    # every rank raised the refusal itself, in write_data, which ended its collector pause too
+    assert all(r["types"][0] == "CheckpointExistsError" and r["pauses"] == 0 for r in refused), refused
 
 
 @pytest.mark.slow

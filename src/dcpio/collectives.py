@@ -63,10 +63,12 @@ class GroupInfo:
 
 @dataclass
 class DecidedPrefix(_StoragePrefix):
-    """A save plan's storage data: the rank's file-name prefix and the names the directory held when the
-    coordinator looked, once for all ranks (a rank never writes over one of them)."""
+    """A save plan's storage data: the rank's file-name prefix, the names the directory held when the coordinator
+    looked, once for all ranks (a rank never writes over one of them), and whether the save is refused because a
+    checkpoint exists there (``overwrite=False``)."""
 
     taken: frozenset[str] = frozenset()
+    refused: bool = False
 
 
 class PeerError(errors.CheckpointReadError):

@@ -155,7 +155,8 @@ def write_slice_bytes() -> int:
 def replicated_reads() -> bool:
     """Read each stored byte range that several ranks of a load need on one rank and broadcast it
     (``DCPIO_REPLICATED_READS``, default 1; 0 turns it off). Applies where a reader's ``replicated_reads`` is
-    ``"auto"``; loads in which no two ranks need the same bytes never pay for it. See :mod:`dcpio.shared_reads`."""
+    ``"auto"`` (which shares the data itself only on object stores or across hosts); loads in which no two ranks
+    need the same bytes never pay for it. See :mod:`dcpio.shared_reads`."""
     return _bool_env("DCPIO_REPLICATED_READS", True)
 
 

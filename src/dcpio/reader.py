@@ -15,6 +15,7 @@ structural checks only (record layout, sizes and offsets against the file).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import logging
@@ -89,6 +90,8 @@ class FileSystemReader(StorageReader):
             ``.metadata`` is read by one rank and broadcast, and every stored byte range that several ranks load
             (a ``Replicate()`` placement, plain tensors every rank loads, step counters) is read by one rank and
             broadcast over the group; checksums are verified by the rank that read. Sharded loads are unaffected.
+            ``"auto"`` shares the data only where that helps: on object stores, or when the ranks run on more than
+            one host (on one host the page cache already reads a file once for all ranks); True always does.
 
     Example::
 
@@ -117,6 +120,8 @@ class FileSystemReader(StorageReader):
         self.verify_checksums = verify_checksums
         self.thread_count = thread_count
         self.allow_pickle = allow_pickle
+        if replicated_reads != collectives.AUTO and not isinstance(replicated_reads, bool):
+            raise ValueError(f"replicated_reads must be 'auto', True or False, got {replicated_reads!r}")
         self.process_group: Any = process_group
         self.replicated_reads = replicated_reads
         self._group: collectives.GroupInfo | None = None  # the load's group while one is in progress
@@ -193,9 +198,7 @@ class FileSystemReader(StorageReader):
     def _sharing(self) -> bool:
         if self.replicated_reads == collectives.AUTO:
             return knobs.replicated_reads()
-        if not isinstance(self.replicated_reads, bool):
-            raise ValueError(f"replicated_reads must be 'auto', True or False, got {self.replicated_reads!r}")
-        return self.replicated_reads
+        return bool(self.replicated_reads)
 
     def _metadata_bytes(self, path: str) -> bytes:
         if not self.fs.exists(path):
@@ -290,12 +293,16 @@ class FileSystemReader(StorageReader):
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         start_gc_pause(self)  # through torch's global planning to the last byte of this load; see GcPause
+        if self._group is not None and plan.storage_data is None:
+            plan = dataclasses.replace(plan, storage_data=shared_reads.rank_facts())  # for the coordinator
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         if self._group is None or self._metadata is None:
             return plans
-        return shared_reads.assign(plans, self._metadata, self.storage_data, self._group.world)
+        # "auto" shares data where it helps: object stores, or ranks on several hosts (see dcpio.shared_reads)
+        always = self.replicated_reads is True or self.fs.local_root(str(self.path)) is None
+        return shared_reads.assign(plans, self._metadata, self.storage_data, self._group.world, always=always)
 
     def _check_bytes(self, req: ReadItem, data: bytes) -> None:
         """Refuse a non-tensor value whose unpickling would need more than torch's weights_only rules allow."""

@@ -21,7 +21,9 @@ dtype and shape whose 16-byte storage carries a token (all strides 0), which cos
 boundary (``AsyncCheckpointerType.PROCESS``) and survives torch's planner. The writer's ``write_data`` turns each
 placeholder's item into the write result recorded when its bytes were written. So ``async_save`` returns once every
 tensor is either staged or written, and the extra host memory stays within the budget plus the engine's copy-ahead.
-Bytes written early go to files named like the save's own (``__{rank}_{n}.{tag}.distcp``): a save that fails or that
+An accelerator tensor larger than the whole budget is still copied to the host whole, one at a time, while it is
+written (CPU tensors are written from their own memory, with no copy). Bytes written early go to files named like the
+save's own (``__{rank}_{n}.{tag}.distcp``): a save that fails or that
 another rank ends up writing (replicated tensors) leaves files the next committed save removes.
 """
 

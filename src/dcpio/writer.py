@@ -213,18 +213,22 @@ class _DcpioWriter(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         # what exists is looked at once, here on the coordinator, and handed to every rank with its plan: ranks on a
-        # shared file system with cached attributes could disagree, and N ranks listing one directory load its server
-        if not self.overwrite and self._committed():
-            self._release_lock()
-            raise CheckpointExistsError(
-                f"{self.path}: a checkpoint already exists here and the writer has overwrite=False. It was left "
-                "untouched; save to a new directory, or pass overwrite=True to replace it."
-            )
+        # shared file system with cached attributes could disagree, and N ranks listing one directory load its server.
+        # A refusal is raised by every rank in write_data, which also ends each rank's collector pause
+        refused = not self.overwrite and self._committed()
         taken = frozenset(self._existing_names())
         return [
-            dataclasses.replace(plan, storage_data=DecidedPrefix(_prefix_of(plan, i), taken))
+            dataclasses.replace(plan, storage_data=DecidedPrefix(_prefix_of(plan, i), taken, refused))
             for i, plan in enumerate(plans)
         ]
+
+    def _refuse_existing(self) -> None:
+        end_gc_pause(self)
+        self._release_lock()
+        raise CheckpointExistsError(
+            f"{self.path}: a checkpoint already exists here and the writer has overwrite=False. It was left "
+            "untouched; save to a new directory, or pass overwrite=True to replace it."
+        )
 
     def _threads(self) -> int:
         return self.thread_count if self.thread_count is not None else knobs.default_io_threads()
@@ -252,16 +256,19 @@ class _DcpioWriter(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix_obj = plan.storage_data
+        if isinstance(prefix_obj, DecidedPrefix) and prefix_obj.refused:
+            self._refuse_existing()
         prefix = prefix_obj.prefix if isinstance(prefix_obj, _StoragePrefix) else f"__{self.rank or 0}_"
         threads = self._threads()
         files = threads
+        # tensors an async save's stage() already wrote (over its staging budget) need only their results
+        to_write, prewritten = take_prewritten(list(plan.items), planner, getattr(self, "prewritten", {}))
         if self.thread_count is None:
             # automatic: a file per thread only when each gets enough bytes to amortise its create + fsync
             # (measured here: ~10-30 ms per fsync'ed file on a virtio disk, i.e. ~64 MiB of writing)
-            rank_bytes = sum(_item_bytes(it) for it in plan.items)
+            rank_bytes = sum(_item_bytes(it) for it in to_write)
             files = max(1, min(threads, rank_bytes // knobs.min_bytes_per_file()))
-        items, prewritten = take_prewritten(list(plan.items), planner, getattr(self, "prewritten", {}))
-        groups = _buckets(items, files) if self.single_file_per_rank else [[it] for it in items]
+        groups = _buckets(to_write, files) if self.single_file_per_rank else [[it] for it in to_write]
         jobs = []
         taken = prefix_obj.taken if isinstance(prefix_obj, DecidedPrefix) else self._listing()
         for n, items in enumerate(groups):
