@@ -320,3 +320,29 @@ def test_full_disk_during_an_hf_export_names_it_and_leaves_no_partial_file(small
     found = [e for e in exception_chain(info.value) if isinstance(e, StorageFullError)]
     assert found and str(out) in str(found[0]) and "no space" in str(found[0])
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_verify_names_the_damaged_shard_of_a_save_distributed_export(tmp_path: Path) -> None:
+    root = tmp_path / "sharded"
+    full = _sharded_folder(root)
+    victim = root / "shard-00002-model-00001-of-00001.safetensors"
+    # the manual shards carry no checksums: add them as a dcpio export records them, then flip a data byte
+    from dcpio.formats.hf import digests_metadata, tensor_digest
+
+    for r, lo in ((1, 0), (2, 3)):
+        rows = full["rows"][lo : lo + 3].contiguous()
+        cols = full["cols"][:, 4 * (r - 1) : 4 * r].contiguous()
+        info = {"rows": {"saved_offsets": [lo, 0]}, "cols": {"saved_offsets": [0, 4 * (r - 1)]}}
+        meta = {"DCP_SHARDING_INFO": json.dumps(info), "format": "pt"}
+        meta.update(digests_metadata({"rows": tensor_digest(rows), "cols": tensor_digest(cols)}))
+        write_file(
+            FileSystem(),
+            str(root / f"shard-0000{r}-model-00001-of-00001.safetensors"),
+            {"rows": rows, "cols": cols},
+            meta,
+        )
+    assert verify_checkpoint(root).ok and verify_checkpoint(root).checksummed
+    _flip(victim, _data_offset(victim, "cols") + 3)
+    report = verify_checkpoint(root)
+    assert report.damaged_files() == [victim.name] and report.damaged_items() == ["cols"]
+    assert report.items_checked == 4  # every chunk of the sound file was still read
