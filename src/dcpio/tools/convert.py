@@ -232,7 +232,8 @@ class _StagedOutput:
     """
 
     def __init__(self, dst: str, directory: bool, owns: Callable[[str], bool] | None = None) -> None:
-        self.dst = os.path.abspath(dst)
+        # a symlinked DST: the output replaces what it points to, and the link keeps pointing there
+        self.dst = os.path.realpath(dst)
         self.directory = directory
         self.owns = owns or (lambda _name: True)
         parent = os.path.dirname(self.dst)
