@@ -346,3 +346,23 @@ def test_verify_names_the_damaged_shard_of_a_save_distributed_export(tmp_path: P
     report = verify_checkpoint(root)
     assert report.damaged_files() == [victim.name] and report.damaged_items() == ["cols"]
     assert report.items_checked == 4  # every chunk of the sound file was still read
+
+
+def test_a_hub_cache_snapshot_whose_files_link_to_its_blobs_loads(tmp_path: Path) -> None:
+    # huggingface_hub's cache layout: snapshots/<rev>/model.safetensors -> ../../blobs/<hash>
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    sd = {"w": torch.randn(4, 4, generator=_gen(7))}
+    save_file(sd, str(repo / "blobs" / "e3b0c4"))
+    (snap / "model.safetensors").symlink_to(Path("../../blobs/e3b0c4"))
+    dest = {"w": torch.zeros(4, 4)}
+    dcp.load(dest, storage_reader=HuggingFaceStorageReader(snap), no_dist=True)
+    assert torch.equal(dest["w"], sd["w"])
+    assert verify_checkpoint(snap).ok
+    # a link anywhere else is still refused, also from a snapshot
+    save_file({"x": torch.ones(2)}, str(tmp_path / "elsewhere.safetensors"))
+    (snap / "other.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(UnsafeCheckpointError, match=r"other\.safetensors"):
+        inspect_checkpoint(snap)

@@ -83,7 +83,7 @@ from dcpio.formats.safetensors import (
     write_entries,
 )
 from dcpio.integrity.extents import check_tiling
-from dcpio.integrity.paths import check_plain_name, confined
+from dcpio.integrity.paths import check_plain_name, confined, hub_blobs
 from dcpio.movers.base import FileSystemBase, ReadHandle
 from dcpio.movers.local import FileSystem
 from dcpio.tensor_bytes import byte_view, is_dense_cpu
@@ -906,7 +906,9 @@ class HuggingFaceStorageReader(StorageReader):
         return names, weight_map
 
     def _check_inside(self, name: str) -> str:
-        confined(self.fs.local_root(self.path), name, f"{self.path}: {name}")
+        root = self.fs.local_root(self.path)
+        blobs = hub_blobs(root) if root is not None else None
+        confined(root, name, f"{self.path}: {name}", also=[blobs] if blobs else [])
         return _join(self.fs, self.path, name)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
