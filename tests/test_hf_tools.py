@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -366,3 +367,31 @@ def test_a_hub_cache_snapshot_whose_files_link_to_its_blobs_loads(tmp_path: Path
     (snap / "other.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
     with pytest.raises(UnsafeCheckpointError, match=r"other\.safetensors"):
         inspect_checkpoint(snap)
+
+
+class _NoLocalRoot(FileSystem):
+    """The real local mover, presenting itself as a store without local paths (as an object store does)."""
+
+    def local_root(self, path: Any) -> str | None:
+        return None
+
+
+@pytest.mark.parametrize("mover", [FileSystem, _NoLocalRoot])
+@pytest.mark.parametrize("distributed", [False, True])
+def test_export_checksums_match_the_data_with_and_without_header_patching(
+    tmp_path: Path, mover: type[FileSystem], distributed: bool
+) -> None:
+    g = _gen(8)
+    sd = {"a": torch.randn(33, 7, generator=g), "b": torch.randn(5, generator=g).half(), "e": torch.zeros(0, 3)}
+    out = tmp_path / "export"
+    kw: dict[str, Any] = (
+        {"save_distributed": True} if distributed else {"fqn_to_index_mapping": {"a": 1, "b": 2, "e": 2}}
+    )
+    dcp.save(sd, storage_writer=HuggingFaceStorageWriter(str(out), _fs=mover(), **kw), no_dist=True)
+    report = verify_checkpoint(out)
+    assert report.ok and report.checksummed, report.problems
+    files = sorted(out.glob("*.safetensors"))
+    got = {k: v for f in files for k, v in load_file(str(f)).items()}
+    for k, v in sd.items():
+        assert bitwise_equal(got[k], v), k
+    assert not list(out.glob("*.tmp"))

@@ -75,6 +75,8 @@ from dcpio.errors import (
 from dcpio.formats.safetensors import (
     DTYPES,
     SafetensorsHeader,
+    TensorEntry,
+    encode_header,
     layout,
     parse_header,
     st_dtype_of,
@@ -85,7 +87,7 @@ from dcpio.formats.safetensors import (
 from dcpio.integrity.extents import check_tiling
 from dcpio.integrity.paths import check_plain_name, confined, hub_blobs
 from dcpio.movers.base import FileSystemBase, ReadHandle
-from dcpio.movers.local import FileSystem
+from dcpio.movers.local import FileSystem, write_error
 from dcpio.tensor_bytes import byte_view, is_dense_cpu
 
 __all__ = [
@@ -215,6 +217,73 @@ def _check_digest(data: memoryview | Any, want: str | None, path: str, key: str)
             f"{path}: tensor {key!r}: its bytes do not match the checksum recorded when it was exported ({want}, "
             f"read {got}); the file is damaged. Restore it from a good copy or export it again"
         )
+
+
+def _cpu_dense(tensor: torch.Tensor) -> torch.Tensor:
+    t = tensor.detach()
+    return t if is_dense_cpu(t) else t.cpu().contiguous()
+
+
+def _write_checksummed(
+    fs: FileSystemBase,
+    path: str,
+    entries: Sequence[TensorEntry],
+    get: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    sync: bool,
+    publish: bool,
+) -> int:
+    """Write a safetensors file whose header carries every tensor's checksum; return its length.
+
+    The header comes first in the file but the checksums are known only once each tensor has been fetched. Where the
+    file is local, the header is written with placeholder digests of the same length, each tensor hashed as it is
+    streamed (fetched, and copied off an accelerator, once), and the header overwritten in place before the file is
+    synced. Elsewhere every tensor is fetched and hashed first. ``publish``: write ``path.tmp`` and rename it over
+    ``path``; otherwise write ``path`` itself, for the caller to publish.
+    """
+    if fs.local_root(_dirname(path)) is None:
+        meta = {**metadata, **digests_metadata({e.name: tensor_digest(get(e.name)) for e in entries})}
+        return write_entries(fs, path, entries, get, meta, sync=sync, atomic=publish)
+    digests: dict[str, str] = {}
+
+    def hashed(name: str) -> torch.Tensor:
+        t = _cpu_dense(get(name))
+        digests[name] = tensor_digest(t)
+        return t
+
+    target = f"{path}.tmp" if publish else path
+    placeholder = digests_metadata({e.name: _DIGEST_PREFIX + "0" * 16 for e in entries})
+    size = write_entries(fs, target, entries, hashed, {**metadata, **placeholder}, sync=False, atomic=False)
+    try:
+        _patch_head(target, encode_header(entries, {**metadata, **digests_metadata(digests)}), sync)
+    except BaseException:
+        fs.remove_quietly(target)
+        raise
+    if publish:
+        fs.replace(target, path)
+        if sync:
+            fs.sync_dir(_dirname(path))
+    return size
+
+
+def _patch_head(path: str, head: bytes, sync: bool) -> None:
+    """Overwrite the start of a just-written file (a header of unchanged length), then make the file durable."""
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            if os.pwrite(fd, head, 0) != len(head):
+                raise CheckpointWriteError(f"{path}: short write of the header; export again")
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise write_error(path, err, "writing the header") from err
+
+
+def _dirname(path: str) -> str:
+    return os.path.dirname(str(path)) or "."
 
 
 class _Handles:
@@ -453,16 +522,16 @@ class HuggingFaceStorageWriter(StorageWriter):
                 )
             return data
 
-        # checksums go in the header, which is written first: hash every tensor before streaming it
-        metadata.update(digests_metadata({e.name: tensor_digest(resolve(e.name)) for e in entries}))
         path = _join(self.fs, self._data_dir, name)
         if self.save_distributed:
             # shards are read back by the consolidation: publish each one as soon as it is complete
-            size = write_entries(self.fs, path, entries, resolve, metadata, sync=self.sync_files, atomic=True)
+            size = _write_checksummed(self.fs, path, entries, resolve, metadata, sync=self.sync_files, publish=True)
         else:
             # published together in finish(), right before the index: a save killed while writing data (nearly all
             # of its time) leaves the previous export untouched
-            size = write_entries(self.fs, f"{path}.tmp", entries, resolve, metadata, sync=self.sync_files, atomic=False)
+            size = _write_checksummed(
+                self.fs, f"{path}.tmp", entries, resolve, metadata, sync=self.sync_files, publish=False
+            )
         data_start = size - sum(e.nbytes for e in entries)
         return [
             WriteResult(
@@ -632,9 +701,7 @@ def _consolidate_file(
         dtype = torch_dtype_of(t.st_dtype, out_path, fqn)
         return buf.view(dtype).view(t.shape) if t.shape else buf.view(dtype).reshape(())
 
-    # the output's checksums go in its header, written first: one pass to hash, one to write
-    metadata = {"format": "pt", **digests_metadata({e.name: tensor_digest(materialise(e.name)) for e in entries})}
-    write_entries(fs, out_path, entries, materialise, metadata, sync=sync, atomic=True)
+    _write_checksummed(fs, out_path, entries, materialise, {"format": "pt"}, sync=sync, publish=True)
     return sum(e.nbytes for e in entries)
 
 
