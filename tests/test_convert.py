@@ -262,3 +262,17 @@ def test_full_disk_names_the_destination_and_leaves_nothing(tmp_path: Path, smal
     assert str(dst) in msg and "space" in msg and str(src) not in msg.split("space")[0]
     assert os.listdir(small_disk) == []
     shutil.rmtree(tmp_path / "ckpt")
+
+
+def test_symlinked_destination_is_replaced_through_the_link(tmp_path: Path) -> None:
+    src = _save(_state(), tmp_path / "ckpt")
+    real = tmp_path / "real-export"
+    assert main(["convert", str(src), str(real), "--to", "hf", "--only", "model."]) == EXIT_OK
+    (real / "config.json").write_text("{}")
+    link = tmp_path / "export"
+    link.symlink_to(real)
+    assert main(["convert", str(src), str(link), "--to", "hf", "--overwrite", "--exclude", "model."]) == EXIT_OK
+    assert link.is_symlink() and (real / "config.json").read_text() == "{}"
+    names = set(json.loads((real / INDEX).read_text())["weight_map"])
+    assert names == {"optim.state.embed.weight.exp_avg"}
+    assert _leftovers(tmp_path) == []

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -320,3 +321,77 @@ def test_full_disk_during_an_hf_export_names_it_and_leaves_no_partial_file(small
     found = [e for e in exception_chain(info.value) if isinstance(e, StorageFullError)]
     assert found and str(out) in str(found[0]) and "no space" in str(found[0])
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_verify_names_the_damaged_shard_of_a_save_distributed_export(tmp_path: Path) -> None:
+    root = tmp_path / "sharded"
+    full = _sharded_folder(root)
+    victim = root / "shard-00002-model-00001-of-00001.safetensors"
+    # the manual shards carry no checksums: add them as a dcpio export records them, then flip a data byte
+    from dcpio.formats.hf import digests_metadata, tensor_digest
+
+    for r, lo in ((1, 0), (2, 3)):
+        rows = full["rows"][lo : lo + 3].contiguous()
+        cols = full["cols"][:, 4 * (r - 1) : 4 * r].contiguous()
+        info = {"rows": {"saved_offsets": [lo, 0]}, "cols": {"saved_offsets": [0, 4 * (r - 1)]}}
+        meta = {"DCP_SHARDING_INFO": json.dumps(info), "format": "pt"}
+        meta.update(digests_metadata({"rows": tensor_digest(rows), "cols": tensor_digest(cols)}))
+        write_file(
+            FileSystem(),
+            str(root / f"shard-0000{r}-model-00001-of-00001.safetensors"),
+            {"rows": rows, "cols": cols},
+            meta,
+        )
+    assert verify_checkpoint(root).ok and verify_checkpoint(root).checksummed
+    _flip(victim, _data_offset(victim, "cols") + 3)
+    report = verify_checkpoint(root)
+    assert report.damaged_files() == [victim.name] and report.damaged_items() == ["cols"]
+    assert report.items_checked == 4  # every chunk of the sound file was still read
+
+
+def test_a_hub_cache_snapshot_whose_files_link_to_its_blobs_loads(tmp_path: Path) -> None:
+    # huggingface_hub's cache layout: snapshots/<rev>/model.safetensors -> ../../blobs/<hash>
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    sd = {"w": torch.randn(4, 4, generator=_gen(7))}
+    save_file(sd, str(repo / "blobs" / "e3b0c4"))
+    (snap / "model.safetensors").symlink_to(Path("../../blobs/e3b0c4"))
+    dest = {"w": torch.zeros(4, 4)}
+    dcp.load(dest, storage_reader=HuggingFaceStorageReader(snap), no_dist=True)
+    assert torch.equal(dest["w"], sd["w"])
+    assert verify_checkpoint(snap).ok
+    # a link anywhere else is still refused, also from a snapshot
+    save_file({"x": torch.ones(2)}, str(tmp_path / "elsewhere.safetensors"))
+    (snap / "other.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(UnsafeCheckpointError, match=r"other\.safetensors"):
+        inspect_checkpoint(snap)
+
+
+class _NoLocalRoot(FileSystem):
+    """The real local mover, presenting itself as a store without local paths (as an object store does)."""
+
+    def local_root(self, path: Any) -> str | None:
+        return None
+
+
+@pytest.mark.parametrize("mover", [FileSystem, _NoLocalRoot])
+@pytest.mark.parametrize("distributed", [False, True])
+def test_export_checksums_match_the_data_with_and_without_header_patching(
+    tmp_path: Path, mover: type[FileSystem], distributed: bool
+) -> None:
+    g = _gen(8)
+    sd = {"a": torch.randn(33, 7, generator=g), "b": torch.randn(5, generator=g).half(), "e": torch.zeros(0, 3)}
+    out = tmp_path / "export"
+    kw: dict[str, Any] = (
+        {"save_distributed": True} if distributed else {"fqn_to_index_mapping": {"a": 1, "b": 2, "e": 2}}
+    )
+    dcp.save(sd, storage_writer=HuggingFaceStorageWriter(str(out), _fs=mover(), **kw), no_dist=True)
+    report = verify_checkpoint(out)
+    assert report.ok and report.checksummed, report.problems
+    files = sorted(out.glob("*.safetensors"))
+    got = {k: v for f in files for k, v in load_file(str(f)).items()}
+    for k, v in sd.items():
+        assert bitwise_equal(got[k], v), k
+    assert not list(out.glob("*.tmp"))

@@ -64,7 +64,7 @@ from torch.futures import Future
 
 from dcpio import knobs
 from dcpio._runtime import gc_paused, raise_first, run_queued
-from dcpio.commit import GroupCommit
+from dcpio.commit import GroupCommit, StagedFile, stage_file
 from dcpio.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -75,18 +75,19 @@ from dcpio.errors import (
 from dcpio.formats.safetensors import (
     DTYPES,
     SafetensorsHeader,
+    TensorEntry,
+    encode_header,
     layout,
     parse_header,
     st_dtype_of,
     torch_dtype_of,
     torch_shape_of,
-    write_entries,
     write_staged,
 )
 from dcpio.integrity.extents import check_tiling
-from dcpio.integrity.paths import check_plain_name, confined
+from dcpio.integrity.paths import check_plain_name, confined, hub_blobs
 from dcpio.movers.base import FileSystemBase, ReadHandle
-from dcpio.movers.local import FileSystem
+from dcpio.movers.local import FileSystem, write_error
 from dcpio.tensor_bytes import byte_view, is_dense_cpu
 
 __all__ = [
@@ -215,6 +216,70 @@ def _check_digest(data: memoryview | Any, want: str | None, path: str, key: str)
             f"{path}: tensor {key!r}: its bytes do not match the checksum recorded when it was exported ({want}, "
             f"read {got}); the file is damaged. Restore it from a good copy or export it again"
         )
+
+
+def _cpu_dense(tensor: torch.Tensor) -> torch.Tensor:
+    t = tensor.detach()
+    return t if is_dense_cpu(t) else t.cpu().contiguous()
+
+
+def _write_checksummed(
+    fs: FileSystemBase,
+    staged: StagedFile,
+    entries: Sequence[TensorEntry],
+    get: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    sync: bool,
+    publish: bool,
+) -> int:
+    """Write a safetensors file whose header carries every tensor's checksum into ``staged``; return its length.
+
+    The header comes first in the file but the checksums are known only once each tensor has been fetched. Where the
+    file is local, the header is written with placeholder digests of the same length, each tensor hashed as it is
+    streamed (fetched, and copied off an accelerator, once), and the header overwritten in place before the file is
+    synced. Elsewhere every tensor is fetched and hashed first. ``publish``: commit the staged file under its final
+    name; otherwise only finish it, for a :class:`dcpio.commit.GroupCommit` to publish with the others.
+    """
+    if fs.local_root(_dirname(staged.temp)) is None:
+        meta = {**metadata, **digests_metadata({e.name: tensor_digest(get(e.name)) for e in entries})}
+        return write_staged(staged, entries, get, meta, sync=sync, publish=publish)
+    digests: dict[str, str] = {}
+
+    def hashed(name: str) -> torch.Tensor:
+        t = _cpu_dense(get(name))
+        digests[name] = tensor_digest(t)
+        return t
+
+    placeholder = digests_metadata({e.name: _DIGEST_PREFIX + "0" * 16 for e in entries})
+    size = write_staged(staged, entries, hashed, {**metadata, **placeholder}, sync=False, publish=False)
+    try:
+        _patch_head(staged.temp, encode_header(entries, {**metadata, **digests_metadata(digests)}), sync)
+        if publish:
+            staged.commit(sync)
+    except BaseException:
+        staged.abort()
+        raise
+    return size
+
+
+def _patch_head(path: str, head: bytes, sync: bool) -> None:
+    """Overwrite the start of a just-written file (a header of unchanged length), then make the file durable."""
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            if os.pwrite(fd, head, 0) != len(head):
+                raise CheckpointWriteError(f"{path}: short write of the header; export again")
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise write_error(path, err, "writing the header") from err
+
+
+def _dirname(path: str) -> str:
+    return os.path.dirname(str(path)) or "."
 
 
 class _Handles:
@@ -453,17 +518,16 @@ class HuggingFaceStorageWriter(StorageWriter):
                 )
             return data
 
-        # checksums go in the header, which is written first: hash every tensor before streaming it
-        metadata.update(digests_metadata({e.name: tensor_digest(resolve(e.name)) for e in entries}))
         path = _join(self.fs, self._data_dir, name)
         if self.save_distributed:
             # shards are read back by the consolidation: publish each one as soon as it is complete
-            size = write_entries(self.fs, path, entries, resolve, metadata, sync=self.sync_files, atomic=True)
+            staged = stage_file(self.fs, path)
+            size = _write_checksummed(self.fs, staged, entries, resolve, metadata, sync=self.sync_files, publish=True)
         else:
             # published together in finish(), right before the index: a save killed while writing data (nearly all
             # of its time) leaves the previous export untouched
             staged = GroupCommit(self.fs, self._data_dir).stage(name)  # <name>.tmp, created exclusively
-            size = write_staged(staged, entries, resolve, metadata, sync=self.sync_files, publish=False)
+            size = _write_checksummed(self.fs, staged, entries, resolve, metadata, sync=self.sync_files, publish=False)
         data_start = size - sum(e.nbytes for e in entries)
         return [
             WriteResult(
@@ -629,9 +693,7 @@ def _consolidate_file(
         dtype = torch_dtype_of(t.st_dtype, out_path, fqn)
         return buf.view(dtype).view(t.shape) if t.shape else buf.view(dtype).reshape(())
 
-    # the output's checksums go in its header, written first: one pass to hash, one to write
-    metadata = {"format": "pt", **digests_metadata({e.name: tensor_digest(materialise(e.name)) for e in entries})}
-    write_entries(fs, out_path, entries, materialise, metadata, sync=sync, atomic=True)
+    _write_checksummed(fs, stage_file(fs, out_path), entries, materialise, {"format": "pt"}, sync=sync, publish=True)
     return sum(e.nbytes for e in entries)
 
 
@@ -903,7 +965,9 @@ class HuggingFaceStorageReader(StorageReader):
         return names, weight_map
 
     def _check_inside(self, name: str) -> str:
-        confined(self.fs.local_root(self.path), name, f"{self.path}: {name}")
+        root = self.fs.local_root(self.path)
+        blobs = hub_blobs(root) if root is not None else None
+        confined(root, name, f"{self.path}: {name}", also=[blobs] if blobs else [])
         return _join(self.fs, self.path, name)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Sequence
 
 from dcpio.errors import UnsafeCheckpointError
 
-__all__ = ["check_plain_name", "check_relative_path", "check_stays_inside", "confined"]
+__all__ = ["check_plain_name", "check_relative_path", "check_stays_inside", "confined", "hub_blobs"]
 
 
 def check_relative_path(relative: object, where: str) -> str:
@@ -33,11 +34,12 @@ def check_relative_path(relative: object, where: str) -> str:
     return relative
 
 
-def check_stays_inside(root: str, relative: str, where: str) -> None:
-    """For local checkpoints: refuse a name that resolves (through symlinks) outside ``root``."""
+def check_stays_inside(root: str, relative: str, where: str, also: Sequence[str] = ()) -> None:
+    """For local checkpoints: refuse a name that resolves (through symlinks) outside ``root`` (and the real
+    directories in ``also``)."""
     real_root = os.path.realpath(root)
     target = os.path.realpath(os.path.join(real_root, relative))
-    if os.path.commonpath([real_root, target]) != real_root:
+    if not any(os.path.commonpath([r, target]) == r for r in (real_root, *also)):
         raise UnsafeCheckpointError(
             f"{where}: data file {relative!r} resolves to {target}, outside the checkpoint directory {real_root} "
             "(a symlink pointing out?); refused."
@@ -54,9 +56,24 @@ def check_plain_name(name: object, directory: str, where: str) -> str:
     return rel
 
 
-def confined(local_root: str | None, relative: str, where: str) -> None:
+def hub_blobs(local_root: str) -> str | None:
+    """The ``blobs`` directory of a huggingface_hub cache entry when ``local_root`` is one of its snapshots.
+
+    The hub cache keeps ``models--org--name/snapshots/<revision>/model.safetensors`` as a symlink to
+    ``../../blobs/<hash>``: the files of a snapshot live outside the snapshot's directory, in its own repository's
+    store, and nowhere else.
+    """
+    snapshots = os.path.dirname(local_root)
+    if os.path.basename(snapshots) != "snapshots":
+        return None
+    blobs = os.path.join(os.path.dirname(snapshots), "blobs")
+    return os.path.realpath(blobs) if os.path.isdir(blobs) else None
+
+
+def confined(local_root: str | None, relative: str, where: str, also: Sequence[str] = ()) -> None:
     """The one confinement check of every reader and command: a safe relative name that, for a local checkpoint
-    (``local_root`` is its real directory), does not resolve through a symlink to anything outside it."""
+    (``local_root`` is its real directory), does not resolve through a symlink to anything outside it (or outside
+    the real directories in ``also``, such as a hub snapshot's ``blobs``)."""
     check_relative_path(relative, where)
     if local_root is not None:
-        check_stays_inside(local_root, relative, where)
+        check_stays_inside(local_root, relative, where, also)

@@ -232,7 +232,8 @@ class _StagedOutput:
     """
 
     def __init__(self, dst: str, directory: bool, owns: Callable[[str], bool] | None = None) -> None:
-        self.dst = os.path.abspath(dst)
+        # a symlinked DST: the output replaces what it points to, and the link keeps pointing there
+        self.dst = os.path.realpath(dst)
         self.directory = directory
         self.owns = owns or (lambda _name: True)
         parent = os.path.dirname(self.dst)
@@ -627,12 +628,7 @@ def convert(
         convert("ckpt/step-100", "export/", to="hf", only=["model."], strip_prefix=["model."], overwrite=True)
     """
     to = to.lower()
-    if to not in ("hf", "dcp", "torch"):
-        raise ValueError(f"--to must be hf, dcp or torch, not {to!r}")
-    if (serialization_format is not None or compress is not None) and to != "dcp":
-        raise ValueError("--format and --compress apply to --to dcp only")
-    if compress not in (None, "zstd"):
-        raise ValueError(f"--compress supports zstd only, not {compress!r}")
+    _check_options(to, serialization_format, compress)
     limit = parse_size(max_shard_size)
     selection = Selection(tuple(only), tuple(exclude), tuple(strip_prefix), parse_rename(rename))
     src_s, dst_s = str(src), str(dst)
@@ -653,6 +649,15 @@ def convert(
     finally:
         source.close()
     return res
+
+
+def _check_options(to: str, serialization_format: str | None, compress: str | None) -> None:
+    if to not in ("hf", "dcp", "torch"):
+        raise ValueError(f"--to must be hf, dcp or torch, not {to!r}")
+    if (serialization_format is not None or compress is not None) and to != "dcp":
+        raise ValueError("--format and --compress apply to --to dcp only")
+    if compress not in (None, "zstd"):
+        raise ValueError(f"--compress supports zstd only, not {compress!r}")
 
 
 def _write_staged(
