@@ -71,6 +71,7 @@ from dcpio.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     PlanMismatchError,
+    UnsafeCheckpointError,
 )
 from dcpio.formats.safetensors import (
     DTYPES,
@@ -968,7 +969,17 @@ class HuggingFaceStorageReader(StorageReader):
         root = self.fs.local_root(self.path)
         blobs = hub_blobs(root) if root is not None else None
         confined(root, name, f"{self.path}: {name}", also=[blobs] if blobs else [])
-        return _join(self.fs, self.path, name)
+        path = _join(self.fs, self.path, name)
+        if blobs is not None and os.path.islink(path):
+            # a hub snapshot's link into its own blobs: open the blob itself (files are opened without following
+            # links), after checking where the link points now
+            target = os.path.realpath(path)
+            if os.path.dirname(target) != blobs:
+                raise UnsafeCheckpointError(
+                    f"{path}: links to {target}, outside the hub cache's blobs directory {blobs}; refusing to read it"
+                )
+            return target
+        return path
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Parse every file's header (validated, in parallel) and describe the tensors as DCP metadata."""
