@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from torch.distributed.checkpoint.metadata import Metadata
 
 from dcpio import knobs
+from dcpio.commit import stage_file
 from dcpio.errors import CheckpointError, CheckpointExistsError
 from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.movers.base import FileSystemBase, PathLike
@@ -289,19 +290,17 @@ class Tier:
         return FileSystemReader(self.step_path(step), _fs=self.mover, **options)
 
     def put_file(self, step: int, name: str, source: str) -> int:
-        """Copy the local file ``source`` to ``name`` in ``step`` (multipart on S3, fsynced on disk)."""
-        target = self.step_path(step, name)
-        handle = self.mover.open_writer(target)
+        """Copy the local file ``source`` to ``name`` in ``step`` through the mover's commit strategy (a temporary
+        renamed into place on disk, so a resumed upload replaces what a killed one left; multipart on S3)."""
+        staged = stage_file(self.mover, self.step_path(step, name))
         written = 0
         try:
             with open(source, "rb") as f:
                 while chunk := f.read(_COPY_CHUNK):
-                    written += handle.write([memoryview(chunk)])
-            handle.sync()
-            handle.close()
+                    written += staged.write([memoryview(chunk)])
+            staged.commit(sync=True)
         except BaseException:
-            handle.abort()
-            self.mover.remove_quietly(target)
+            staged.abort()
             raise
         return written
 
