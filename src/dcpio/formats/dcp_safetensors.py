@@ -108,6 +108,7 @@ def _header_at(handle: ReadHandle | Source, offset: int, where: str) -> Safetens
 
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_FRAME_PIECE = 64
 
 
 def _skip_empty_frames(handle: ReadHandle | Source, offset: int, where: str) -> int:
@@ -126,8 +127,16 @@ def _skip_empty_frames(handle: ReadHandle | Source, offset: int, where: str) -> 
             return pos
         window = handle.read(pos, min(1 << 12, size - pos))
         decoder = zstandard.ZstdDecompressor().decompressobj()
+        produced = b""
+        fed = 0
         try:
-            produced = decoder.decompress(window)
+            # fed in small pieces and stopped at the first output byte: a frame that is not empty (a decompression
+            # bomb behind a damaged offset, say) never gets to inflate
+            for piece in range(0, len(window), _FRAME_PIECE):
+                produced = decoder.decompress(window[piece : piece + _FRAME_PIECE])
+                fed = min(len(window), piece + _FRAME_PIECE)
+                if produced or decoder.eof:
+                    break
         except zstandard.ZstdError as err:
             raise CorruptCheckpointError(f"{where}: damaged transform frame at byte {pos} of {handle.path}") from err
         if produced or not decoder.eof:
@@ -135,7 +144,7 @@ def _skip_empty_frames(handle: ReadHandle | Source, offset: int, where: str) -> 
                 f"{where}: expected an empty transform frame at byte {pos} of {handle.path} (torch's SAFETENSORS "
                 "layout with a stream transform); the file is damaged or not in that layout"
             )
-        pos += len(window) - len(decoder.unused_data)
+        pos += fed - len(decoder.unused_data)
     raise CorruptCheckpointError(f"{where}: too many transform frames before the safetensors blob")
 
 
