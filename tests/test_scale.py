@@ -574,8 +574,8 @@ _MEMORY_CHILD = textwrap.dedent(
 )
 
 
-def _run_child(code: str, *args: str, timeout: float = 300) -> str:
-    env = dict(os.environ, PYTHONPATH=SRC_DIR, OMP_NUM_THREADS="1")
+def _run_child(code: str, *args: str, timeout: float = 300, env_extra: dict[str, str] | None = None) -> str:
+    env = dict(os.environ, PYTHONPATH=SRC_DIR, OMP_NUM_THREADS="1", **(env_extra or {}))
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
@@ -584,7 +584,11 @@ def _run_child(code: str, *args: str, timeout: float = 300) -> str:
 @pytest.mark.slow
 def test_async_save_peak_memory_stays_within_the_staging_budget(tmp_path: Path) -> None:
     budget = 40 << 20  # a quarter of the 160 MiB state dict
-    peaks = json.loads(_run_child(_MEMORY_CHILD, str(tmp_path), str(budget)).strip().splitlines()[-1])
+    # a fixed mmap threshold: glibc's adaptive one keeps freed 8 MiB tensors in the heap, where the next round's
+    # staging copy reuses them unseen by the peak-RSS measurement (CI measured 8 MiB for the unbounded save)
+    fixed = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    out = _run_child(_MEMORY_CHILD, str(tmp_path), str(budget), env_extra=fixed)
+    peaks = json.loads(out.strip().splitlines()[-1])
     assert peaks["bounded"] <= budget + (64 << 20), peaks
     # the same measurement without a budget holds the whole copy: the bound above can fail
     assert peaks["unbounded"] >= 150 << 20, peaks
@@ -618,7 +622,9 @@ _LEAK_CHILD = textwrap.dedent(
 def test_twenty_async_saves_release_their_staged_memory(tmp_path: Path) -> None:
     sizes = json.loads(_run_child(_LEAK_CHILD, str(tmp_path)).strip().splitlines()[-1])
     # one leaked staged copy is 32 MiB; fifteen would be 480 MiB
-    assert sizes[-1] - sizes[4] < 16 << 20, [s >> 20 for s in sizes]
+    # saves alternate budget / no budget, which settle at different sizes: compare the last of each with its kind
+    assert sizes[-1] - sizes[5] < 16 << 20, [s >> 20 for s in sizes]
+    assert sizes[-2] - sizes[4] < 16 << 20, [s >> 20 for s in sizes]
 
 
 @pytest.mark.gpu

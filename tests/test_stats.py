@@ -42,3 +42,18 @@ def test_an_unverified_load_hashes_nothing(tmp_path: Path) -> None:
 def test_the_library_logs_nothing_unless_asked() -> None:
     handlers = logging.getLogger("dcpio").handlers
     assert any(isinstance(h, logging.NullHandler) for h in handlers)
+
+
+def test_writer_and_reader_with_stats_pickle(tmp_path: Path) -> None:
+    # torch's PROCESS async checkpointer ships the writer to its background process by pickle
+    import pickle
+
+    writer = dcpio.FileSystemWriter(tmp_path / "ckpt")
+    dcp.save({"w": torch.ones(4)}, storage_writer=writer, no_dist=True)
+    reader = dcpio.FileSystemReader(tmp_path / "ckpt")
+    dcp.load({"w": torch.zeros(4)}, storage_reader=reader, no_dist=True)
+    for obj in (writer, reader):
+        copy = pickle.loads(pickle.dumps(obj))
+        assert copy.stats.bytes_written == obj.stats.bytes_written
+        assert copy.stats.bytes_read == obj.stats.bytes_read
+        copy.stats.add(read=1)  # the lock came back with it

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -74,6 +75,14 @@ class IOStats:
         )
 
     def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    # a writer travels to torch's async checkpoint process by pickle, with its stats: the lock stays behind
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     def add(self, *, read: int = 0, requests: int = 0, hashed: int = 0, mapped: int = 0) -> None:
