@@ -141,6 +141,18 @@ save_file({k: v.contiguous() for k, v in model.state_dict().items()}, "hub-folde
     "checkpoint": """
 dcp.save(model.state_dict(), storage_writer=dcpio.FileSystemWriter("ckpt/step-1000"))
 """,
+    "training_checkpoint": """
+import json, os
+from torch.distributed.checkpoint import FileSystemWriter as _StockWriter
+dcp.save(
+    {"model": model.state_dict(), "optim": {"lr": torch.tensor(1e-3), "step": 7}},
+    storage_writer=dcpio.FileSystemWriter("ckpt/step-1000"),
+)
+dcp.save(model.state_dict(), storage_writer=_StockWriter("stock-ckpt"))
+os.makedirs("my-model")
+with open("my-model/config.json", "w") as _f:
+    json.dump({"model_type": "tiny"}, _f)
+""",
     "damaged_checkpoint": """
 dcp.save(model.state_dict(), storage_writer=dcpio.FileSystemWriter("ckpt/step-1000"))
 _md = dcpio.FileSystemReader("ckpt/step-1000").read_metadata()
