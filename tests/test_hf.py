@@ -18,12 +18,10 @@ from dcpio.formats.hf import (
     HuggingFaceLoadPlanner,
     HuggingFaceStorageReader,
     HuggingFaceStorageWriter,
-    _HFStorageInfo,
-    _read_region,
     consolidate_safetensors_files,
 )
 from dcpio.formats.safetensors import DTYPES, write_file
-from dcpio.movers import FileSystem, ReadHandle
+from dcpio.movers import FileSystem
 from helpers import all_dtypes, bitwise_equal, exception_chain, rand_tensor, run_stock, spawn_ranks
 
 INDEX = "model.safetensors.index.json"
@@ -290,31 +288,30 @@ def test_empty_folder_is_a_clear_error(tmp_path: Path) -> None:
         HuggingFaceStorageReader(str(tmp_path)).read_metadata()
 
 
-# -------------------------------------------------------------------------------------- partial byte ranges
-class _Counting(ReadHandle):
-    """A real local read handle that counts the bytes it reads."""
+def _read_block(reader: HuggingFaceStorageReader, offs: tuple[int, ...], lens: tuple[int, ...]) -> torch.Tensor:
+    """Read one block of the only tensor ``x`` through ``read_data``, as a sharded load would."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-    def __init__(self, inner: ReadHandle) -> None:
-        self.inner, self.path, self.bytes, self.calls = inner, inner.path, 0, 0
-
-    def size(self) -> int:
-        return self.inner.size()
-
-    def readinto(self, offset: int, buf: memoryview) -> None:
-        self.bytes += len(buf)
-        self.calls += 1
-        self.inner.readinto(offset, buf)
-
-    def close(self) -> None:
-        self.inner.close()
+    metadata = reader.read_metadata()
+    reader.set_up_storage_reader(metadata, True)
+    dest = {"x": torch.zeros(lens)}
+    planner = DefaultLoadPlanner()
+    planner.set_up_planner(dest, metadata, True)
+    (index,) = [k for k in metadata.storage_data if k.fqn == "x"]
+    zeros = tuple(0 for _ in lens)
+    item = ReadItem(LoadItemType.TENSOR, MetadataIndex("x", zeros), zeros, index, offs, lens)
+    reader.read_data(LoadPlan([item]), planner).wait()
+    return dest["x"]
 
 
 @pytest.mark.parametrize(
     ("shape", "offs", "lens", "max_ratio"),
     [
         ((64, 32), (16, 0), (16, 32), 1.0),  # row slice: one range
-        ((16, 16384), (0, 8192), (16, 8192), 1.0),  # big column runs: one read per row
-        ((64, 32), (0, 16), (64, 16), 2.0),  # small column runs: one covering read
+        ((16, 16384), (0, 8192), (16, 8192), 1.0),  # big column runs
+        ((64, 32), (0, 16), (64, 16), 2.0),  # small column runs
         ((4, 6, 8), (1, 2, 0), (2, 3, 8), 2.0),
         ((10,), (3,), (4,), 1.0),
     ],
@@ -322,22 +319,26 @@ class _Counting(ReadHandle):
 def test_reads_only_needed_ranges(
     tmp_path: Path, shape: tuple[int, ...], offs: tuple[int, ...], lens: tuple[int, ...], max_ratio: float
 ) -> None:
+    # the HF reader runs dcpio's engine; reader.stats counts bytes read by requests and copied out of maps
     full = torch.randn(*shape, generator=_gen(8))
-    path = tmp_path / "m.safetensors"
-    write_file(FileSystem(), str(path), {"x": full})
-    reader = HuggingFaceStorageReader(str(tmp_path))
-    info = next(iter(reader.read_metadata().storage_data.values()))
-    assert isinstance(info, _HFStorageInfo)
-    handle = _Counting(FileSystem().open_reader(str(path)))
-    dest = torch.empty(lens)
-    try:
-        _read_region(handle, info, offs, lens, dest)
-    finally:
-        handle.close()
-    want = full[tuple(slice(o, o + n) for o, n in zip(offs, lens))]
-    assert torch.equal(dest, want)
-    needed = dest.numel() * 4
-    assert needed <= handle.bytes <= max_ratio * needed
+    write_file(FileSystem(), str(tmp_path / "m.safetensors"), {"x": full, "after": torch.ones(1 << 16)})
+    reader = HuggingFaceStorageReader(str(tmp_path), _only_files=["m.safetensors"])
+    got = _read_block(reader, offs, lens)
+    assert torch.equal(got, full[tuple(slice(o, o + n) for o, n in zip(offs, lens))])
+    needed = got.numel() * 4
+    moved = reader.stats.bytes_read + reader.stats.bytes_mapped
+    assert needed <= moved <= max_ratio * needed, reader.stats
+
+
+def test_whole_tensor_load_reads_that_tensor_only(tmp_path: Path) -> None:
+    w = torch.arange(64 * 32, dtype=torch.float32).reshape(64, 32)
+    save_file({"w": w, "other": torch.ones(1 << 16)}, str(tmp_path / "model.safetensors"))
+    reader = HuggingFaceStorageReader(tmp_path)
+    out = {"w": torch.zeros(64, 32)}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    assert torch.equal(out["w"], w)
+    assert reader.stats.bytes_read == w.numel() * 4, reader.stats
+    assert reader.stats.requests == 1, reader.stats
 
 
 # ---------------------------------------------------------------------------------------------- consolidation
@@ -511,3 +512,26 @@ def test_two_gloo_ranks_save_distributed_and_consolidate(tmp_path: Path) -> None
             assert torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
         """
     )
+
+
+def test_metadata_failure_reaches_the_caller_of_dcp_load_as_the_dcpio_error(tmp_path: Path) -> None:
+    # torch 2.13 turns a read_metadata error into an AssertionError carrying its text; the HF reader defers it to
+    # set_up_storage_reader, like FileSystemReader, so the caller gets the dcpio error object
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from dcpio.errors import IncompleteCheckpointError
+
+    save_file({"w": torch.ones(4)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    index = {
+        "metadata": {},
+        "weight_map": {"w": "model-00001-of-00002.safetensors", "v": "model-00002-of-00002.safetensors"},
+    }
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointException) as info:
+        dcp.load({"w": torch.zeros(4)}, storage_reader=HuggingFaceStorageReader(tmp_path), no_dist=True)
+    err = info.value.failures[0]
+    err = err[0] if isinstance(err, tuple) else err
+    assert isinstance(err, IncompleteCheckpointError), repr(err)
+    assert "model-00002-of-00002.safetensors" in str(err)
+    with pytest.raises(IncompleteCheckpointError):  # a direct call raises at once
+        HuggingFaceStorageReader(tmp_path).read_metadata()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
 
 from dcpio import knobs
 
@@ -144,3 +146,18 @@ def raise_first(errors: Sequence[BaseException]) -> None:
     for other in errors[1:]:
         first.add_note(f"also failed: {type(other).__name__}: {other}")
     raise first
+
+
+_TORCH_LOADER = "torch.distributed.checkpoint.state_dict_loader"
+
+
+def called_by_torch_load() -> bool:
+    """Whether the caller's caller is torch's ``dcp.load``, which rewraps read_metadata's errors as text: a reader
+    then returns empty metadata and raises the error object from ``set_up_storage_reader``, where torch passes it on.
+    """
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(4):  # a subclass's read_metadata may stand between
+        if frame is None or frame.f_globals.get("__name__") == _TORCH_LOADER:
+            return frame is not None
+        frame = frame.f_back
+    return False

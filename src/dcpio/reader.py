@@ -21,22 +21,20 @@ import io
 import logging
 import os
 import pickle
-import sys
 import time
 import uuid
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dcpio import collectives, knobs, shared_reads
-from dcpio._runtime import end_gc_pause, start_gc_pause
+from dcpio._runtime import called_by_torch_load, end_gc_pause, start_gc_pause
+from dcpio._torch_compat import _StorageInfo
 from dcpio.commit.saves import check_consistent
 from dcpio.engine import IOStats, ReadOptions, read_plan
 from dcpio.errors import (
@@ -51,23 +49,13 @@ from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.movers.adapter import as_mover
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
+from dcpio.names import DATA_SUFFIX, METADATA_NAME, TEMP_SUFFIX
 from dcpio.transforms import ExtensionRegistry
-from dcpio.writer import METADATA_NAME, metadata_path
+from dcpio.writer import metadata_path
 
 __all__ = ["FileSystemReader"]
 
 _log = logging.getLogger("dcpio")
-_TORCH_LOADER = "torch.distributed.checkpoint.state_dict_loader"
-
-
-def _called_by_torch_load() -> bool:
-    """Whether the caller's caller is torch's ``dcp.load`` (which rewraps read_metadata's errors as text)."""
-    frame: FrameType | None = sys._getframe(2)
-    for _ in range(4):  # a subclass's read_metadata may stand between
-        if frame is None or frame.f_globals.get("__name__") == _TORCH_LOADER:
-            return frame is not None
-        frame = frame.f_back
-    return False
 
 
 class FileSystemReader(StorageReader):
@@ -166,7 +154,7 @@ class FileSystemReader(StorageReader):
         try:
             return self._read_metadata(rank)
         except (CheckpointError, OSError) as err:
-            if not _called_by_torch_load() or (rank is None and self._has_per_rank_metadata()):
+            if not called_by_torch_load() or (rank is None and self._has_per_rank_metadata()):
                 raise  # a direct call; or torch goes on to read the per-rank metadata next
             self._deferred = err
             return Metadata(state_dict_metadata={}, storage_data={}, storage_meta=StorageMeta(load_id=self.load_id))
@@ -228,7 +216,7 @@ class FileSystemReader(StorageReader):
                 "saved with use_collectives=False. Load it the same way (dcp.load(..., use_collectives=False)) on "
                 "as many ranks as saved it."
             )
-        if any(n.endswith(".distcp") or n.endswith(".metadata.tmp") for n in names):
+        if any(n.endswith(DATA_SUFFIX) or n.endswith(METADATA_NAME + TEMP_SUFFIX) for n in names):
             raise IncompleteCheckpointError(
                 f"{metadata_path} is missing: the save into {root} never committed (it was interrupted before "
                 "writing its metadata), so the data files there are not a checkpoint. Save again, or load an "

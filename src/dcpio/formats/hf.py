@@ -27,12 +27,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import itertools
 import json
 import math
 import os
 import re
-import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +40,6 @@ from typing import Any, TypeVar
 import torch
 import xxhash
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -63,8 +61,14 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from dcpio import knobs
-from dcpio._runtime import gc_paused, raise_first, run_queued
+from dcpio._runtime import called_by_torch_load, gc_paused, raise_first, run_queued
+from dcpio._torch_compat import _StorageInfo
 from dcpio.commit import GroupCommit, StagedFile, stage_file
+from dcpio.engine.executor import Verifier, run_tensor_ops
+from dcpio.engine.load import SourceCache, capabilities
+from dcpio.engine.planner import c_strides, plan_tensor
+from dcpio.engine.requests import Box, ByteRange, Target, TensorLayout
+from dcpio.engine.sources import FileSource, IOStats
 from dcpio.errors import (
     CheckpointError,
     CheckpointWriteError,
@@ -87,8 +91,9 @@ from dcpio.formats.safetensors import (
 )
 from dcpio.integrity.extents import check_tiling
 from dcpio.integrity.paths import check_plain_name, confined, hub_blobs
-from dcpio.movers.base import FileSystemBase, ReadHandle
+from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem, write_error
+from dcpio.names import HF_INDEX_NAME, SAFETENSORS_SUFFIX, TEMP_SUFFIX
 from dcpio.tensor_bytes import byte_view, is_dense_cpu
 
 __all__ = [
@@ -99,8 +104,8 @@ __all__ = [
     "consolidate_safetensors_files_on_every_rank",
 ]
 
-INDEX_NAME = "model.safetensors.index.json"
-SUFFIX = ".safetensors"
+INDEX_NAME = HF_INDEX_NAME
+SUFFIX = SAFETENSORS_SUFFIX
 SHARDED_DIR = "sharded"
 SHARDING_INFO_KEY = "DCP_SHARDING_INFO"
 SAVED_OFFSETS_KEY = "saved_offsets"
@@ -109,7 +114,6 @@ _DIGEST_PREFIX = "xxh3-64:"
 _SHARD_NO = re.compile(r"^shard-(\d{5})-model-\d{5}-of-\d{5}\.safetensors$")
 _DCP_VERSION = "1.0"
 _OWN_NAME = re.compile(r"^(shard-\d{5}-)?model-\d{5}-of-\d{5}\.safetensors(\.tmp)?$")
-_SMALL_RUN = 16 << 10  # below this many bytes per run, one covering read beats a system call per run
 _COPY_BLOCK = 16 << 20  # scratch bytes per strided copy during consolidation
 
 T = TypeVar("T")
@@ -281,31 +285,6 @@ def _patch_head(path: str, head: bytes, sync: bool) -> None:
 
 def _dirname(path: str) -> str:
     return os.path.dirname(str(path)) or "."
-
-
-class _Handles:
-    """Read handles opened on first use and shared by the threads of one load or consolidation; closed together."""
-
-    def __init__(self, fs: FileSystemBase) -> None:
-        self.fs = fs
-        self._lock = threading.Lock()
-        self._open: dict[str, ReadHandle] = {}
-
-    def get(self, path: str) -> ReadHandle:
-        with self._lock:
-            handle = self._open.get(path)
-            if handle is None:
-                handle = self._open[path] = self.fs.open_reader(path)
-            return handle
-
-    def __enter__(self) -> _Handles:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            handles, self._open = list(self._open.values()), {}
-        for h in handles:
-            h.close()
 
 
 def _read_header(fs: FileSystemBase, path: str) -> SafetensorsHeader:
@@ -482,7 +461,7 @@ class HuggingFaceStorageWriter(StorageWriter):
         except BaseException:
             if not self.save_distributed:  # this save's finished files wait as .tmp for finish(): none is committed
                 for name, _ in jobs:
-                    self.fs.remove_quietly(f"{_join(self.fs, self._data_dir, name)}.tmp")
+                    self.fs.remove_quietly(f"{_join(self.fs, self._data_dir, name)}{TEMP_SUFFIX}")
             raise
         if self.sync_files:
             self.fs.sync_dir(self._data_dir)
@@ -646,19 +625,19 @@ def _gather_full_tensors(fs: FileSystemBase, input_dir: str, threads: int) -> di
     return full
 
 
-def _place_shard(handle: ReadHandle, shard: _Shard, full_u8: torch.Tensor, t: _FullTensor, name: str) -> None:
+def _place_shard(source: FileSource, shard: _Shard, full_u8: torch.Tensor, t: _FullTensor, name: str) -> None:
     """Read one shard's bytes into its place in the full tensor's byte buffer, verifying its checksum."""
     shape, offs, full_shape, e = shard.shape, shard.offsets, t.shape, t.elem
     if math.prod(shape) == 0:
         _check_digest(memoryview(b""), shard.checksum, shard.handle_key, name)
         return
     if not full_shape:
-        handle.readinto(shard.offset, byte_view(full_u8)[:e])
+        source.readinto_many(shard.offset, [byte_view(full_u8)[:e]])
         _check_digest(byte_view(full_u8)[:e], shard.checksum, shard.handle_key, name)
         return
     region = full_u8.view(*full_shape, e)[tuple(slice(o, o + s) for o, s in zip(offs, shape))]
     if region.is_contiguous():
-        handle.readinto(shard.offset, byte_view(region))
+        source.readinto_many(shard.offset, [byte_view(region)])
         _check_digest(byte_view(region), shard.checksum, shard.handle_key, name)
         return
     # a strided destination (for example a Shard(1) column block): read whole leading slabs through bounded scratch
@@ -669,7 +648,7 @@ def _place_shard(handle: ReadHandle, shard: _Shard, full_u8: torch.Tensor, t: _F
     for r0 in range(0, shape[0], rows):
         n = min(rows, shape[0] - r0)
         part = scratch[: n * slab]
-        handle.readinto(shard.offset + r0 * slab, byte_view(part))
+        source.readinto_many(shard.offset + r0 * slab, [byte_view(part)])
         hasher.update(byte_view(part))
         region[r0 : r0 + n].copy_(part.view(n, *shape[1:], e))
     _check_digest(hasher, shard.checksum, shard.handle_key, name)
@@ -680,7 +659,7 @@ def _consolidate_file(
     out_path: str,
     fqns: list[str],
     full: dict[str, _FullTensor],
-    handles: _Handles,
+    sources: SourceCache,
     sync: bool,
 ) -> int:
     entries = layout((fqn, full[fqn].st_dtype, full[fqn].st_shape) for fqn in fqns)
@@ -690,7 +669,7 @@ def _consolidate_file(
         # the shards tile the tensor exactly (checked when gathered): every byte is written below
         buf = torch.empty(math.prod(t.shape) * t.elem, dtype=torch.uint8)
         for shard in t.shards:
-            _place_shard(handles.get(shard.handle_key), shard, buf, t, fqn)
+            _place_shard(sources(shard.handle_key), shard, buf, t, fqn)
         dtype = torch_dtype_of(t.st_dtype, out_path, fqn)
         return buf.view(dtype).view(t.shape) if t.shape else buf.view(dtype).reshape(())
 
@@ -727,14 +706,17 @@ def _consolidate(
     if not mine:
         return weight_map, total
     fs.mkdir(output_dir)
-    with _Handles(fs) as handles:
+    sources = SourceCache(fs, IOStats())
+    try:
         _parallel(
             lambda i: _consolidate_file(
-                fs, _join(fs, output_dir, _file_name(i, count)), by_index[i], full, handles, sync
+                fs, _join(fs, output_dir, _file_name(i, count)), by_index[i], full, sources, sync
             ),
             mine,
             num_threads,
         )
+    finally:
+        sources.close()
     return weight_map, total
 
 
@@ -935,6 +917,8 @@ class HuggingFaceStorageReader(StorageReader):
         self.load_id = str(uuid.uuid4())
         self.storage_data: dict[MetadataIndex, _HFStorageInfo] = {}
         self.headers: dict[str, SafetensorsHeader] = {}
+        self.stats = IOStats()  # what the last read_data did (bytes read, requests, time)
+        self._deferred: BaseException | None = None
 
     @property
     def checkpoint_id(self) -> str:
@@ -985,6 +969,16 @@ class HuggingFaceStorageReader(StorageReader):
         """Parse every file's header (validated, in parallel) and describe the tensors as DCP metadata."""
         if "rank" in kwargs:  # dcp.load retries with rank= after a failure; HF folders have no per-rank metadata
             raise IncompleteCheckpointError(f"{self.path}: Hugging Face folders have no per-rank metadata")
+        self._deferred = None
+        try:
+            return self._read_metadata()
+        except (CheckpointError, OSError) as err:
+            if not called_by_torch_load():
+                raise
+            self._deferred = err  # raised from set_up_storage_reader, so dcp.load's caller gets this error object
+            return Metadata(state_dict_metadata={}, storage_data={})
+
+    def _read_metadata(self) -> Metadata:
         names, weight_map = self._files()
         paths = [self._check_inside(n) for n in names]
         headers = _parallel(lambda p: _read_header(self.fs, p), paths, self.thread_count)
@@ -1050,6 +1044,9 @@ class HuggingFaceStorageReader(StorageReader):
             )
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            raise deferred
         self.storage_data = metadata.storage_data  # type: ignore[assignment]
         if not isinstance(self.storage_data, dict):
             raise CheckpointError(f"{self.path}: metadata did not come from HuggingFaceStorageReader.read_metadata")
@@ -1061,6 +1058,8 @@ class HuggingFaceStorageReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Read every requested block through dcpio's engine (the planner picks whole reads, strided copies out of
+        a memory map or scratch); a request for a whole tensor is checked against its recorded digest."""
         jobs: list[tuple[ReadItem, _HFStorageInfo]] = []
         for req in plan.items:
             info = self.storage_data.get(req.storage_index)
@@ -1075,80 +1074,47 @@ class HuggingFaceStorageReader(StorageReader):
         threads = self.thread_count if self.fs.supports_parallel_reads else 1
         # checked again here, not only in read_metadata: metadata can come from elsewhere (set_up_storage_reader)
         paths = {name: self._check_inside(name) for name in {info.relative_path for _, info in jobs}}
-        with _Handles(self.fs) as handles, gc_paused():
-            _parallel(
-                lambda j: self._read_item(handles.get(paths[j[1].relative_path]), j[0], j[1], planner), jobs, threads
-            )
+        stats = IOStats()
+        sources = SourceCache(self.fs, stats)
+        started = time.perf_counter()
+        try:
+            with gc_paused():
+                _parallel(
+                    lambda j: _read_item(sources(paths[j[1].relative_path]), j[0], j[1], planner, stats), jobs, threads
+                )
+        finally:
+            sources.close()
+        stats.items = len(jobs)
+        stats.files = len(paths)
+        stats.seconds = time.perf_counter() - started
+        self.stats = stats
         return _done(None)
 
-    def _read_item(self, handle: ReadHandle, req: ReadItem, info: _HFStorageInfo, planner: LoadPlanner) -> None:
-        target = planner.resolve_tensor(req).detach()
-        lengths = tuple(int(n) for n in req.lengths)
-        if tuple(target.shape) != lengths:
-            raise PlanMismatchError(
-                f"{handle.path}: tensor {info.key!r}: the destination has shape {list(target.shape)} but the plan "
-                f"reads {list(lengths)} of the stored {list(info.shape)} ({info.dtype}); "
-                "the model and the checkpoint differ"
-            )
-        direct = is_dense_cpu(target) and target.dtype == info.dtype
-        dest = target if direct else torch.empty(lengths, dtype=info.dtype)
-        offs = tuple(int(o) for o in req.storage_offsets)
-        _read_region(handle, info, offs, lengths, dest)
-        if info.checksum is not None and not any(offs) and lengths == tuple(info.shape):
-            _check_digest(byte_view(dest), info.checksum, handle.path, info.key)
-        if not direct:
-            target.copy_(dest)
-        planner.commit_tensor(req, target)
 
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's bytes as a uint8 tensor with a trailing element-size dimension."""
-    e = t.element_size()
-    return t.reshape(-1).view(torch.uint8).view(*t.shape, e)
-
-
-def _read_region(
-    handle: ReadHandle, info: _HFStorageInfo, offs: tuple[int, ...], lens: tuple[int, ...], dest: torch.Tensor
-) -> None:
-    """Fill contiguous ``dest`` with the ``[offs, offs + lens)`` block of a C-contiguous stored chunk."""
+def _read_item(source: FileSource, req: ReadItem, info: _HFStorageInfo, planner: LoadPlanner, stats: IOStats) -> None:
+    """One request: locate the block in the file (a C-contiguous tensor at ``info.offset``), let the engine plan
+    and run its reads into the destination (or a buffer of the stored dtype), check the digest, hand it over."""
+    target = planner.resolve_tensor(req).detach()
+    where = f"{source.path}: tensor {info.key!r}"
+    box = Box(tuple(int(o) for o in req.storage_offsets), tuple(int(n) for n in req.lengths))
+    if tuple(target.shape) != box.lengths:
+        raise PlanMismatchError(
+            f"{where}: the destination has shape {list(target.shape)} but the plan reads {list(box.lengths)} of "
+            f"the stored {list(info.shape)} ({info.dtype}); the model and the checkpoint differ"
+        )
+    direct = is_dense_cpu(target) and target.dtype == info.dtype
+    dest = target if direct else torch.empty(box.lengths, dtype=info.dtype)
     shape = tuple(info.shape)
-    e = dest.element_size()
-    if any(n == 0 for n in lens):
-        return
-    out = byte_view(dest)
-    if not shape:
-        handle.readinto(info.offset, out)
-        return
-    for o, n, s in zip(offs, lens, shape):
-        if o < 0 or o + n > s:
-            raise PlanMismatchError(
-                f"{handle.path}: tensor {info.key!r}: the plan reads [{list(offs)}, +{list(lens)}) outside the "
-                f"stored shape {list(shape)}"
-            )
-    ndim = len(shape)
-    strides = [math.prod(shape[d + 1 :]) for d in range(ndim)]
-    # k: the outermost dimension after which every dimension is taken whole; each run is contiguous in the file
-    k = ndim - 1
-    while k > 0 and offs[k] == 0 and lens[k] == shape[k]:
-        k -= 1
-    run = lens[k] * strides[k] * e
-    prefix = lens[:k]
-    nruns = math.prod(prefix)
-    base = info.offset + sum(o * st for o, st in zip(offs, strides)) * e
-    if nruns == 1:
-        handle.readinto(base, out[:run])
-        return
-    if run >= _SMALL_RUN:
-        for i, idx in enumerate(itertools.product(*(range(n) for n in prefix))):
-            at = base + sum(j * strides[d] for d, j in enumerate(idx)) * e
-            handle.readinto(at, out[i * run : (i + 1) * run])
-        return
-    # many small runs: one covering read, then a strided byte copy
-    span = sum((n - 1) * st for n, st in zip(lens, strides)) * e + e
-    scratch = torch.empty(span, dtype=torch.uint8)
-    handle.readinto(base, byte_view(scratch))
-    src = scratch.as_strided((*lens, e), (*(st * e for st in strides), 1))
-    _as_bytes(dest).copy_(src)
+    nbytes = math.prod(shape) * info.dtype.itemsize
+    stored = TensorLayout(info.dtype, shape, c_strides(shape), 0, ByteRange(info.offset, info.offset + nbytes))
+    caps = capabilities(source.handle)
+    ops = plan_tensor(stored, [(box, Target(box.lengths, info.dtype, True))], None, None, caps, False, where)
+    run_tensor_ops(source, stored, ops, [(box, dest)], Verifier(None, None, source.path, where), stats, None)
+    if info.checksum is not None and not any(box.offsets) and box.lengths == shape:
+        _check_digest(byte_view(dest), info.checksum, source.path, info.key)
+    if not direct:
+        target.copy_(dest)
+    planner.commit_tensor(req, target)
 
 
 class HuggingFaceLoadPlanner(DefaultLoadPlanner):
