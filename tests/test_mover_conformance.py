@@ -196,6 +196,19 @@ class TestMoverConformance:
         finally:
             handle.close()
 
+    def test_read_handle_declares_what_the_planner_may_assume(self, backend: Backend) -> None:
+        # the I/O planner reads these and never the backend's type: object stores want one large request per
+        # record, kernel file systems bounded system calls (and memory maps where the handle offers them)
+        backend.write("caps.bin", PAYLOAD)
+        handle = backend.mover.open_reader(backend.path("caps.bin"))
+        try:
+            caps = handle.capabilities()
+            assert caps.request_bound is (backend.name in ("memory", "s3")), caps
+            assert caps.can_map is (handle.mapped() is not None), caps
+            assert caps.max_span >= caps.verify_step > 0 and caps.coalesce_span >= caps.whole_item_limit
+        finally:
+            handle.close()
+
     def test_read_file_refuses_more_than_its_cap(self, backend: Backend) -> None:
         backend.write("c.bin", PAYLOAD)
         assert backend.mover.read_file(backend.path("c.bin"), len(PAYLOAD)) == PAYLOAD

@@ -23,9 +23,9 @@ from types import FrameType
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StoragePrefix
 
 from dcpio import errors
+from dcpio._torch_compat import _StoragePrefix, dist_wrapper_type
 
 __all__ = [
     "AUTO",
@@ -77,9 +77,8 @@ class PeerError(errors.CheckpointReadError):
 
 def _loader_wrapper() -> Any:
     """torch's ``_DistWrapper`` of the ``dcp.load`` / ``dcp.save`` on the call stack, or None."""
-    try:
-        from torch.distributed.checkpoint.utils import _DistWrapper
-    except ImportError:  # a torch without it: behave as if called outside dcp
+    wrapper_type = dist_wrapper_type()
+    if wrapper_type is None:  # a torch without it: behave as if called outside dcp
         return None
     frame: FrameType | None = sys._getframe(2)
     for _ in range(_STACK_DEPTH):
@@ -87,7 +86,7 @@ def _loader_wrapper() -> Any:
             return None
         for name in ("distW", "self"):
             value = frame.f_locals.get(name)
-            if isinstance(value, _DistWrapper):
+            if isinstance(value, wrapper_type):
                 return value
         frame = frame.f_back
     return None

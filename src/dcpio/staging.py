@@ -37,14 +37,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlanner, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
 from dcpio import knobs
+from dcpio._torch_compat import _copy_state_dict, _create_cpu_state_dict
 from dcpio.engine import FileJob, WriteOptions, write_files
 from dcpio.errors import CheckpointExistsError
+from dcpio.names import METADATA_NAME
 
 __all__ = ["DcpioStager", "take_prewritten"]
 
@@ -312,7 +313,7 @@ class DcpioStager:
         given = _checkpoint_id_in_progress()
         root = self.fs.init_path(given) if given else self.path
         self.fs.mkdir(root)
-        if not self.overwrite and self.fs.exists(str(self.fs.concat_path(root, ".metadata"))):
+        if not self.overwrite and self.fs.exists(str(self.fs.concat_path(root, METADATA_NAME))):
             raise CheckpointExistsError(
                 f"{root}: a checkpoint already exists here and the writer has overwrite=False. It was left "
                 "untouched; save to a new directory, or pass overwrite=True to replace it."

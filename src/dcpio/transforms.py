@@ -11,9 +11,7 @@ import io
 from collections.abc import Sequence
 from typing import IO, Any, cast
 
-from torch.distributed.checkpoint._extension import Extension as _TorchExtension
-from torch.distributed.checkpoint._extension import StreamTransformExtension as _TorchStreamTransform
-
+from dcpio._torch_compat import _TorchExtension, _TorchStreamTransform
 from dcpio.errors import CheckpointReadError, CorruptCheckpointError
 
 __all__ = [

@@ -37,7 +37,6 @@ from collections.abc import Sequence, Set
 from enum import StrEnum
 from typing import Any
 
-from torch.distributed.checkpoint.filesystem import _StoragePrefix
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
@@ -45,6 +44,7 @@ from torch.futures import Future
 
 from dcpio import knobs
 from dcpio._runtime import end_gc_pause, start_gc_pause
+from dcpio._torch_compat import _StoragePrefix
 from dcpio.collectives import DecidedPrefix
 from dcpio.commit import SaveLock, publish_bytes
 from dcpio.commit.saves import next_generation, per_rank_metadata, record_generation
@@ -55,6 +55,7 @@ from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.movers.adapter import as_mover
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
+from dcpio.names import DATA_SUFFIX, METADATA_NAME, per_rank_metadata_name
 from dcpio.staging import DcpioStager, take_prewritten
 from dcpio.transforms import StreamTransformExtension
 
@@ -62,8 +63,7 @@ __all__ = ["DEFAULT_SUFFIX", "FileSystemWriter", "SerializationFormat"]
 
 _log = logging.getLogger("dcpio")
 
-DEFAULT_SUFFIX = ".distcp"
-METADATA_NAME = ".metadata"
+DEFAULT_SUFFIX = DATA_SUFFIX
 _DCP_VERSION = "1.0.0"  # the metadata version torch's FileSystemWriter records (filesystem.CURRENT_DCP_VERSION)
 # data files dcpio (or torch) names: __{rank}_{n}.distcp, or __{rank}_{n}.{tag}.distcp when the plain name is taken
 _DATA_FILE = re.compile(r"^__(\d+)_\d+(\.[0-9a-f]{8})?\.distcp$")
@@ -71,7 +71,7 @@ _DATA_FILE = re.compile(r"^__(\d+)_\d+(\.[0-9a-f]{8})?\.distcp$")
 
 def metadata_path(fs: FileSystemBase, root: Any, rank: int | None) -> str:
     """The global ``.metadata`` (``rank=None``) or a rank's own ``__{rank}.metadata`` in checkpoint ``root``."""
-    name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
+    name = METADATA_NAME if rank is None else per_rank_metadata_name(rank)
     return str(fs.concat_path(root, name))
 
 

@@ -38,6 +38,7 @@ from typing import Any, TextIO
 
 from dcpio._version import __version__
 from dcpio.errors import CheckpointError, CheckpointExistsError, IncompleteCheckpointError
+from dcpio.names import METADATA_NAME, SAFETENSORS_SUFFIX
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_PROBLEM", "EXIT_USAGE", "build_parser", "entry", "main"]
 
@@ -189,13 +190,13 @@ def _check_path(path: str, command: str) -> None:
         names = os.listdir(path)
         if not names:
             raise UsageError(f"{path} is an empty directory, not a checkpoint; {what}", None)
-        if not any(n == ".metadata" or n.endswith(".safetensors") or _DCP_MEMBER.search(n) for n in names):
+        if not any(n == METADATA_NAME or n.endswith(SAFETENSORS_SUFFIX) or _DCP_MEMBER.search(n) for n in names):
             raise UsageError(
                 f"{path} holds no checkpoint files (no .metadata, *.distcp or *.safetensors); {what}", None
             )
         return
     name = os.path.basename(path)
-    if name == ".metadata" or name.endswith(".safetensors"):
+    if name == METADATA_NAME or name.endswith(SAFETENSORS_SUFFIX):
         return
     if _DCP_MEMBER.search(name):
         folder = os.path.dirname(path) or "."

@@ -27,10 +27,10 @@ from typing import Any
 
 from dcpio.errors import CheckpointError, SaveConflictError
 from dcpio.movers.base import FileSystemBase
+from dcpio.names import LOCK_NAME
 
 __all__ = ["LOCK_NAME", "SaveConflictError", "SaveLock", "lock_name"]
 
-LOCK_NAME = ".dcpio.lock"
 _LOCK_READ_LIMIT = 4096
 
 

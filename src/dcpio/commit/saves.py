@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from dcpio.errors import CheckpointError, IncompleteCheckpointError
 from dcpio.movers.base import FileSystemBase
+from dcpio.names import METADATA_NAME
 
 __all__ = [
     "GENERATION_PREFIX",
@@ -44,7 +45,7 @@ __all__ = [
 GENERATION_PREFIX = "dcpio.save_generation="
 _GEN_BYTES = re.compile(rb"dcpio\.save_generation=(\d{1,18})")
 _RANK_METADATA = re.compile(r"^__(\d{1,9})\.metadata$")
-GLOBAL_METADATA = ".metadata"
+GLOBAL_METADATA = METADATA_NAME
 # how much of a metadata file's end is searched for the marker (storage_meta holds the checkpoint path, at most a few
 # KiB, then the marker and the version)
 _TAIL_BYTES = 64 << 10

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 from dcpio.errors import CheckpointError, CheckpointWriteError
 from dcpio.movers.base import FileSystemBase, WriteHandle
+from dcpio.names import TEMP_SUFFIX
 
 __all__ = [
     "AtomicRenameCommit",
@@ -23,8 +24,6 @@ __all__ = [
     "strategy_for",
     "temp_name",
 ]
-
-TEMP_SUFFIX = ".tmp"
 
 
 def temp_name(final: str) -> str:

@@ -154,7 +154,7 @@ def _copy_mapped(
     region = source.window(ByteRange(first_byte, first_byte + nbytes))
     if region is None:
         raise NoWindow(source.path)
-    dest = target
+    dest = staged = target
     if not op.byte_columns:
         boxed = region.view(layout.dtype).view(layout.size)
         for d, (o, n) in enumerate(zip(box.offsets, box.lengths)):
@@ -166,7 +166,9 @@ def _copy_mapped(
         last = len(layout.size) - 1
         for d, (o, n) in enumerate(zip(box.offsets, box.lengths)):
             boxed = boxed.narrow(d, o * item, n * item) if d == last else boxed.narrow(d, o, n)
-        dest = target.view(torch.uint8)
+        if target.stride(-1) != 1:  # contiguous by torch's rules (a last dimension of 1) but not viewable as bytes
+            staged = torch.empty(target.shape, dtype=target.dtype)
+        dest = staged.view(torch.uint8)
     if op.mode == "plain":
         dest.copy_(boxed)
         _mapped(stats, boxed.numel() * boxed.element_size())
@@ -174,6 +176,8 @@ def _copy_mapped(
         _copy_tiles(source, layout, region, box, boxed, dest, check, stats)
     else:
         _copy_bands(source, layout, box, boxed, dest, check, stats)
+    if staged is not target:
+        target.copy_(staged)
 
 
 def _mapped(stats: IOStats, nbytes: int) -> None:

@@ -24,12 +24,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, ReadItem
 
-from dcpio import knobs
 from dcpio._runtime import gc_paused, raise_first, run_queued
+from dcpio._torch_compat import _StorageInfo
 from dcpio.engine.executor import NoWindow, Verifier, run_tensor_ops
 from dcpio.engine.planner import plan_fetches, plan_tensor
 from dcpio.engine.requests import Box, ByteRange, Capabilities, Fetch, StoredItem, Target, TensorLayout
@@ -40,16 +39,15 @@ from dcpio.formats.locate import Expected, check_expected, head_checker, is_reco
 from dcpio.integrity.checksum import ATTRIBUTE, BlockChecksums
 from dcpio.integrity.tiles import TILE_ATTRIBUTE, TileChecksums
 from dcpio.movers.base import FileSystemBase, ReadHandle
+from dcpio.movers.capabilities import UNBOUNDED
 from dcpio.tensor_bytes import byte_view, is_dense_cpu, thread_scratch
 from dcpio.transforms import apply_decode, decode_limit
 
 __all__ = ["ReadOptions", "capabilities", "read_plan"]
 
-_MAX_IO = 1 << 30  # below the most one system call moves on Linux
-_UNBOUNDED = 1 << 62
 
 # an item already in memory: views instead of requests, nothing left to verify
-_IN_MEMORY = Capabilities(_UNBOUNDED, _UNBOUNDED, 0, 0, 0, can_map=True, request_bound=False)
+_IN_MEMORY = Capabilities(UNBOUNDED, UNBOUNDED, 0, 0, 0, can_map=True, request_bound=False)
 
 
 @dataclass(frozen=True)
@@ -63,22 +61,8 @@ class ReadOptions:
 
 
 def capabilities(handle: ReadHandle) -> Capabilities:
-    """What the planner may assume of ``handle``'s file."""
-    gap = knobs.coalesce_gap_bytes()
-    if handle.prefers_large_reads:
-        # one request per record (head, data and tail together) and per part of neighbouring records
-        part = knobs.s3_part_size()
-        return Capabilities(_UNBOUNDED, _UNBOUNDED, gap, part, part // 4, can_map=False, request_bound=True)
-    can_map = type(handle).mapped is not ReadHandle.mapped
-    return Capabilities(
-        _MAX_IO,
-        knobs.verify_read_bytes(),
-        gap,
-        knobs.coalesce_span_bytes(),
-        knobs.whole_item_bytes(),
-        can_map,
-        request_bound=False,
-    )
+    """What the planner may assume of ``handle``'s file: what its mover declares."""
+    return handle.capabilities()
 
 
 @dataclass

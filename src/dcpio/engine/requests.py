@@ -1,7 +1,8 @@
 """Typed byte requests: what the read planner is given and what it hands to the executor.
 
 Everything here is plain, frozen data. The planner (:mod:`dcpio.engine.planner`) turns stored items, destination
-descriptions and a mover's :class:`Capabilities` into operations; the executor (:mod:`dcpio.engine.executor`) runs
+descriptions and a mover's :class:`~dcpio.movers.capabilities.Capabilities` (declared by its read handles) into
+operations; the executor (:mod:`dcpio.engine.executor`) runs
 them. Offsets are absolute byte offsets of one file unless a field says otherwise.
 """
 
@@ -11,6 +12,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from dcpio.movers.capabilities import Capabilities
 
 __all__ = [
     "Box",
@@ -44,31 +47,6 @@ class ByteRange:
 
     def contains(self, other: ByteRange) -> bool:
         return self.start <= other.start and other.stop <= self.stop
-
-
-@dataclass(frozen=True, slots=True)
-class Capabilities:
-    """What a mover declares about reading one file; the planner chooses operations from these alone.
-
-    Attributes:
-        max_span: most bytes one read request may cover.
-        verify_step: bytes read and hashed per request when verifying, so each slice is hashed while in cache
-            (``max_span`` where one large request is cheaper than several, as on object stores).
-        coalesce_gap: neighbouring whole items this close are fetched with one request.
-        coalesce_span: most bytes one coalesced fetch of whole items may cover.
-        whole_item_limit: items up to this size are fetched whole and served from memory.
-        can_map: the file can be viewed in memory (a memory map), so strided boxes are copied out without scratch.
-        request_bound: each request costs far more than its bytes (object stores): the planner prefers one request
-            for a record's head, data and tail over two.
-    """
-
-    max_span: int
-    verify_step: int
-    coalesce_gap: int
-    coalesce_span: int
-    whole_item_limit: int
-    can_map: bool
-    request_bound: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
 from dcpio import knobs
 from dcpio._runtime import gc_paused, raise_first, run_queued
+from dcpio._torch_compat import _StorageInfo
 from dcpio.engine.sources import IOStats
 from dcpio.errors import CheckpointError, CheckpointWriteError
 from dcpio.formats import dcp_safetensors

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.checkpoint.storage import WriteResult
 
+from dcpio._torch_compat import _StorageInfo
 from dcpio.errors import CheckpointWriteError, CorruptCheckpointError
 from dcpio.formats.safetensors import SafetensorsHeader, _st_shape_of, encode_header, layout, parse_header, st_dtype_of
 from dcpio.formats.torch_save import TensorRecord, c_strides

@@ -17,8 +17,8 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 
+from dcpio._torch_compat import _StorageInfo
 from dcpio.engine.requests import ByteRange, TensorLayout
 from dcpio.engine.sources import Source
 from dcpio.errors import CorruptCheckpointError

@@ -38,9 +38,9 @@ from typing import Any, NoReturn
 
 import torch
 from torch.distributed.checkpoint import metadata as _md
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from dcpio._runtime import gc_paused
+from dcpio._torch_compat import _StorageInfo
 from dcpio.errors import CorruptCheckpointError, UnsafeCheckpointError
 from dcpio.integrity.paths import check_relative_path
 

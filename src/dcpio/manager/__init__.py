@@ -18,6 +18,6 @@
 from __future__ import annotations
 
 from dcpio.manager.core import CheckpointManager, StepInfo, list_steps, prune
-from dcpio.manager.tiers import step_name
+from dcpio.names import step_name
 
 __all__ = ["CheckpointManager", "StepInfo", "list_steps", "prune", "step_name"]

@@ -23,7 +23,7 @@ from dcpio.errors import CheckpointError, CheckpointExistsError, CheckpointWrite
 from dcpio.manager import policy
 from dcpio.manager.tiers import StepScan, StepWriter, Tier
 from dcpio.manager.upload import Uploader, UploadJob
-from dcpio.writer import METADATA_NAME
+from dcpio.names import METADATA_NAME
 
 __all__ = ["CheckpointManager", "PruneReport", "StepInfo", "list_steps", "prune"]
 

@@ -38,19 +38,16 @@ from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.movers.base import FileSystemBase, PathLike
 from dcpio.movers.fsspec import FsspecFileSystem
 from dcpio.movers.local import FileSystem
+from dcpio.names import DATA_SUFFIX as DEFAULT_SUFFIX
+from dcpio.names import METADATA_NAME, step_name
 from dcpio.reader import FileSystemReader
-from dcpio.writer import DEFAULT_SUFFIX, METADATA_NAME, FileSystemWriter
+from dcpio.writer import FileSystemWriter
 
 __all__ = ["FileEntry", "StepScan", "Tier", "step_name"]
 
 T = TypeVar("T")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _COPY_CHUNK = 8 << 20  # bytes per read when uploading a file: large enough for whole S3 parts, small in memory
-
-
-def step_name(step: int) -> str:
-    """The directory name of ``step`` (zero-padded so names sort like numbers)."""
-    return f"step-{step:08d}"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from dcpio.errors import CheckpointError, CheckpointWriteError, IncompleteCheckpointError
 from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.manager.tiers import Tier
-from dcpio.writer import METADATA_NAME
+from dcpio.names import METADATA_NAME
 
 __all__ = ["UploadJob", "Uploader", "marker_name"]
 

@@ -23,6 +23,7 @@ import torch
 from torch.distributed.checkpoint.filesystem import FileSystemBase as _TorchFileSystemBase
 
 from dcpio.errors import CheckpointWriteError, CorruptCheckpointError
+from dcpio.movers.capabilities import Capabilities, local_capabilities
 
 __all__ = ["FileSystemBase", "ReadHandle", "StreamReadHandle", "StreamWriteHandle", "WriteHandle"]
 
@@ -62,8 +63,6 @@ class ReadHandle(ABC):
     """An open file read by byte ranges, safe to share between threads."""
 
     path: str
-    # True where each request costs far more than its bytes (object stores): callers then read large ranges at once
-    prefers_large_reads: bool = False
 
     @abstractmethod
     def size(self) -> int:
@@ -87,6 +86,14 @@ class ReadHandle(ABC):
         nobody truncates the file while it is being loaded.
         """
         return None
+
+    def capabilities(self) -> Capabilities:
+        """What the I/O planner may assume of this file (see :mod:`dcpio.movers.capabilities`).
+
+        The default describes a kernel file system, with memory maps where :meth:`mapped` is overridden; an object
+        store's handle returns :func:`~dcpio.movers.capabilities.object_store_capabilities`.
+        """
+        return local_capabilities(can_map=type(self).mapped is not ReadHandle.mapped)
 
     def read(self, offset: int, length: int) -> bytes:
         out = bytearray(length)

@@ -28,6 +28,7 @@ from dcpio import knobs
 from dcpio.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
 from dcpio.movers import s3
 from dcpio.movers.base import FileSystemBase, PathLike, ReadHandle, WriteHandle, _truncated
+from dcpio.movers.capabilities import Capabilities, object_store_capabilities
 from dcpio.movers.local import FileSystem as _LocalFileSystem
 from dcpio.movers.registry import check_installed, missing_package_error
 from dcpio.movers.retry import RetryPolicy, final_error, is_transient
@@ -399,8 +400,6 @@ class _RangedReadHandle(ReadHandle):
     its size below a few hundred KiB, so a 64 KiB block is nearly free and bounds the extra bytes per record.
     """
 
-    prefers_large_reads = True
-
     def __init__(self, mover: FsspecFileSystem, path: str) -> None:
         self.path = path
         self._mover = mover
@@ -408,6 +407,9 @@ class _RangedReadHandle(ReadHandle):
         self._size: int | None = None
         self._lock = threading.Lock()
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
+
+    def capabilities(self) -> Capabilities:
+        return object_store_capabilities()
 
     def size(self) -> int:
         with self._lock:

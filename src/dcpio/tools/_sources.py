@@ -34,8 +34,10 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from dcpio._torch_compat import flatten_state_dict as torch_flatten
 from dcpio.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
 from dcpio.integrity.extents import check_tiling
+from dcpio.names import DATA_SUFFIX, HF_INDEX_NAME, METADATA_NAME, SAFETENSORS_SUFFIX
 
 __all__ = [
     "DcpSource",
@@ -397,9 +399,8 @@ def dcp_flatten(obj: Any) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
     if not isinstance(obj, dict):
         flat = dict(flatten(obj))
         return flat, {k: (k,) for k in flat}
-    try:
-        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-    except ImportError:  # a torch without that helper: our own dotted names
+    flatten_state_dict = torch_flatten()
+    if flatten_state_dict is None:  # a torch without that helper: our own dotted names
         flat = dict(flatten(obj))
         return flat, {k: (k,) for k in flat}
     flat_sd, mapping = flatten_state_dict(obj)
@@ -458,11 +459,11 @@ def detect(path: str) -> Detected:
         raise FileNotFoundError(2, f"{path}: no such file or directory", path)
     if os.path.isdir(path):
         names = os.listdir(path)
-        if ".metadata" in names:
+        if METADATA_NAME in names:
             return Detected("dcp", path)
-        if any(n.endswith(".safetensors") for n in names) or "model.safetensors.index.json" in names:
+        if any(n.endswith(SAFETENSORS_SUFFIX) for n in names) or HF_INDEX_NAME in names:
             return Detected("hf", path)
-        if any(n.endswith(".distcp") or re.match(r"^__\d+\.metadata$", n) for n in names):
+        if any(n.endswith(DATA_SUFFIX) or re.match(r"^__\d+\.metadata$", n) for n in names):
             raise IncompleteCheckpointError(
                 f"{path}: data files are here but .metadata is missing: the save never committed, or the "
                 "file was deleted. Save the checkpoint again, or restore .metadata from a good copy."
@@ -477,7 +478,7 @@ def detect(path: str) -> Detected:
         return Detected("torch", path)
     if path.endswith(".safetensors"):
         return Detected("hf", path)
-    if os.path.basename(path) == ".metadata":
+    if os.path.basename(path) == METADATA_NAME:
         return Detected("dcp", os.path.dirname(path) or ".")
     raise IncompleteCheckpointError(
         f"{path}: not a recognised checkpoint file (neither a torch.save zip nor a .safetensors file)"

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
+from dcpio._torch_compat import fake_tensor_mode
 from dcpio.errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError, StorageFullError
 from dcpio.tools._sources import Entry, ProgressFn, Source, detect, is_url, open_source
 
@@ -529,13 +530,13 @@ def _finish(node: Any) -> Any:
 def _to_torch(
     src: Source, selected: list[tuple[Entry, str]], dst: str, progress: ProgressFn | None, res: ConvertResult
 ) -> None:
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    fake_mode = fake_tensor_mode()
     from torch.serialization import skip_data
 
     values: list[tuple[tuple[Any, ...], Any]] = []
     tensor_names: dict[tuple[Any, ...], str] = {}
     # the skeleton: tensors without data (fake ones: no memory) and the small non-tensor values themselves
-    with FakeTensorMode():
+    with fake_mode():
         fakes = {e.name: torch.empty(e.shape or (), dtype=e.dtype) for e, _ in selected if e.kind == "tensor"}
     for e, new in selected:
         path = src.object_path(e.name) if new == e.name else (new,)

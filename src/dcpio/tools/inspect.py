@@ -9,6 +9,7 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from dcpio.names import HF_INDEX_NAME, METADATA_NAME
 from dcpio.tools._sources import (
     DcpSource,
     HfSource,
@@ -116,7 +117,7 @@ def _inspect_dcp(src: DcpSource) -> CheckpointSummary:
         if getattr(info, "dcpio_checksum", None) is None:
             checksummed = False
     files = sorted({info.relative_path for info in storage.values()})
-    sizes = _sizes(src.path, [*files, ".metadata"], src.storage_options)
+    sizes = _sizes(src.path, [*files, METADATA_NAME], src.storage_options)
     total = sum(s for s in sizes.values() if s is not None)
     ranks = {r for r in (rank_of(f) for f in files) if r is not None}
 
@@ -165,7 +166,7 @@ def _inspect_hf(src: HfSource) -> CheckpointSummary:
     total = 0
     for f in files:
         total += os.path.getsize(os.path.join(src.folder, f))
-    index = os.path.join(src.folder, "model.safetensors.index.json")
+    index = os.path.join(src.folder, HF_INDEX_NAME)
     if os.path.isdir(src.path) and os.path.exists(index):
         total += os.path.getsize(index)
     writers = {str(meta.get("format", "")) for meta in src.header_metadata.values()}
