@@ -314,22 +314,41 @@ def parse_header(
     Raises:
         CorruptCheckpointError: any of the above fails; the message names the file and the tensor. Nothing else.
     """
+    fetch, size = _fetcher(read, file_size, path)
+    data_start, doc = _read_json(fetch, size, path)
+    data_len = size - data_start
+    metadata: dict[str, str] | None = None
+    tensors: dict[str, TensorEntry] = {}
+    for name, info in doc.items():
+        if name == _METADATA_KEY:
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise _corrupt(path, "__metadata__ must be an object of string values")
+            metadata = info
+            continue
+        tensors[name] = _entry(name, info, data_len, path)
+    _check_tiling(tensors, data_len, path)
+    return SafetensorsHeader(path=path, tensors=tensors, metadata=metadata, data_start=data_start, file_size=size)
+
+
+def _fetcher(
+    read: ReadHandle | bytes | bytearray | memoryview, file_size: int | None, path: str
+) -> tuple[Callable[[int, int], bytes], int]:
+    """A ``fetch(offset, length)`` over the handle or bytes, and the file's size."""
     if isinstance(read, (bytes, bytearray, memoryview)):
         raw = bytes(read)
-        size = len(raw) if file_size is None else file_size
 
-        def fetch(offset: int, length: int) -> bytes:
+        def from_bytes(offset: int, length: int) -> bytes:
             if offset + length > len(raw):
                 raise _corrupt(path, f"needs bytes [{offset}, {offset + length}) but only {len(raw)} were given")
             return raw[offset : offset + length]
 
-    else:
-        handle = read
-        size = handle.size() if file_size is None else file_size
+        return from_bytes, len(raw) if file_size is None else file_size
+    handle = read
+    return handle.read, handle.size() if file_size is None else file_size
 
-        def fetch(offset: int, length: int) -> bytes:
-            return handle.read(offset, length)
 
+def _read_json(fetch: Callable[[int, int], bytes], size: int, path: str) -> tuple[int, dict[str, Any]]:
+    """The header's length (bounded by the cap and the file) and its JSON object; returns (data start, object)."""
     if size < _HEADER_LEN_BYTES:
         raise _corrupt(path, f"the file is {size} bytes, shorter than the 8-byte header length")
     (header_len,) = struct.unpack("<Q", fetch(0, _HEADER_LEN_BYTES))
@@ -341,8 +360,6 @@ def parse_header(
         )
     if header_len > size - _HEADER_LEN_BYTES:
         raise _corrupt(path, f"the header claims {header_len} bytes but the file has only {size - 8} after the length")
-    data_start = _HEADER_LEN_BYTES + header_len
-    data_len = size - data_start
     text = fetch(_HEADER_LEN_BYTES, header_len)
     if not text.startswith(b"{"):
         raise _corrupt(path, "the header does not start with '{'")
@@ -352,50 +369,45 @@ def parse_header(
         raise _corrupt(path, f"the header is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from err
     if not isinstance(doc, dict):
         raise _corrupt(path, "the header is not a JSON object")
+    return _HEADER_LEN_BYTES + header_len, doc
 
-    metadata: dict[str, str] | None = None
-    tensors: dict[str, TensorEntry] = {}
-    for name, info in doc.items():
-        if name == _METADATA_KEY:
-            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
-                raise _corrupt(path, "__metadata__ must be an object of string values")
-            metadata = info
-            continue
-        if not isinstance(info, dict):
-            raise _corrupt(path, "the entry is not an object", name)
-        dtype = info.get("dtype")
-        shape = info.get("shape")
-        offsets = info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise _corrupt(path, f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
-        if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
-            raise _corrupt(
-                path, f"shape {str(shape)[:100]} is not a list of at most {_MAX_NDIM} non-negative ints", name
-            )
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
-            raise _corrupt(path, f"data_offsets {str(offsets)[:100]} is not a pair of ints", name)
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_len:
-            raise _corrupt(
-                path, f"data_offsets [{begin}, {end}] fall outside the data section of {data_len} bytes", name
-            )
-        # bound the product before computing it: a hostile shape of many huge dims must not cost time
-        # bound the product while computing it: a hostile shape of many huge dims must not cost time or memory
-        numel = 0 if any(d == 0 for d in shape) else 1
-        for d in shape if numel else ():
-            numel *= d
-            if numel > 8 * data_len:
-                raise _corrupt(path, f"shape {shape[:8]} is larger than the whole data section", name)
-        bits = numel * DTYPES[dtype].bits
-        nbytes = bits // 8 if bits % 8 == 0 else -1
-        if nbytes != end - begin:
-            raise _corrupt(
-                path,
-                f"shape {shape} of {dtype} needs {nbytes} bytes but data_offsets [{begin}, {end}] hold {end - begin}",
-                name,
-            )
-        tensors[name] = TensorEntry(name, dtype, tuple(shape), begin, end)
 
+def _entry(name: str, info: Any, data_len: int, path: str) -> TensorEntry:
+    """One tensor's entry, checked: known dtype, a shape of non-negative ints, offsets inside the data section that
+    hold exactly the shape's bytes."""
+    if not isinstance(info, dict):
+        raise _corrupt(path, "the entry is not an object", name)
+    dtype = info.get("dtype")
+    shape = info.get("shape")
+    offsets = info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _corrupt(path, f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
+    if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _corrupt(path, f"shape {str(shape)[:100]} is not a list of at most {_MAX_NDIM} non-negative ints", name)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise _corrupt(path, f"data_offsets {str(offsets)[:100]} is not a pair of ints", name)
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise _corrupt(path, f"data_offsets [{begin}, {end}] fall outside the data section of {data_len} bytes", name)
+    # bound the product while computing it: a hostile shape of many huge dims must not cost time or memory
+    numel = 0 if any(d == 0 for d in shape) else 1
+    for d in shape if numel else ():
+        numel *= d
+        if numel > 8 * data_len:
+            raise _corrupt(path, f"shape {shape[:8]} is larger than the whole data section", name)
+    bits = numel * DTYPES[dtype].bits
+    nbytes = bits // 8 if bits % 8 == 0 else -1
+    if nbytes != end - begin:
+        raise _corrupt(
+            path,
+            f"shape {shape} of {dtype} needs {nbytes} bytes but data_offsets [{begin}, {end}] hold {end - begin}",
+            name,
+        )
+    return TensorEntry(name, dtype, tuple(shape), begin, end)
+
+
+def _check_tiling(tensors: Mapping[str, TensorEntry], data_len: int, path: str) -> None:
+    """The tensors tile the data section exactly: no overlap, no gap, nothing past the end."""
     expected = 0
     for entry in sorted(tensors.values(), key=lambda e: (e.begin, e.end)):
         if entry.begin != expected:
@@ -404,7 +416,6 @@ def parse_header(
         expected = entry.end
     if expected != data_len:
         raise _corrupt(path, f"the tensors cover {expected} bytes of a {data_len}-byte data section")
-    return SafetensorsHeader(path=path, tensors=tensors, metadata=metadata, data_start=data_start, file_size=size)
 
 
 def write_file(

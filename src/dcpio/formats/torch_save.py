@@ -143,6 +143,12 @@ def encode_envelope(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, 
     nbytes = dtype.itemsize
     for s in shape:
         nbytes *= s
+    head, entries = _local_records(dtype, shape, nbytes)
+    return bytes(head), _encode_tail(entries, len(head) + nbytes)
+
+
+def _local_records(dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> tuple[bytearray, list[_Entry]]:
+    """The archive's small members (stored whole) and the local header of ``data/0``, whose bytes follow."""
     small = [
         ("data.pkl", _tensor_pickle(dtype, shape)),
         (".format_version", b"1"),
@@ -171,9 +177,12 @@ def encode_envelope(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, 
     head += _LOCAL.pack(_SIG_LOCAL, 45 if big else 20, _FLAG_UTF8, 0, 0, 0x21, 0, size32, size32, len(raw), len(extra))
     head += raw + extra
     entries.append(_Entry(raw, offset, nbytes, 0))
+    return head, entries
 
+
+def _encode_tail(entries: list[_Entry], cd_offset: int) -> bytes:
+    """The central directory at ``cd_offset`` (zip64 fields where sizes or offsets need them) and the end records."""
     central = bytearray()
-    cd_offset = len(head) + nbytes
     for entry in entries:
         fields: list[int] = []
         usize = entry.size
@@ -185,15 +194,17 @@ def encode_envelope(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, 
         extra = struct.pack(f"<HH{len(fields)}Q", 0x0001, 8 * len(fields), *fields) if fields else b""
         s32 = _U32 if usize >= _U32 else usize
         o32 = _U32 if off >= _U32 else off
+        version = 45 if fields else 20
+        crc = entry.crc
         central += _CENTRAL.pack(
             _SIG_CENTRAL,
             45,
-            45 if fields else 20,
+            version,
             _FLAG_UTF8,
             0,
             0,
             0x21,
-            entry.crc,
+            crc,
             s32,
             s32,
             len(entry.name),
@@ -211,7 +222,7 @@ def encode_envelope(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, 
     tail += _EOCD64.pack(_SIG_EOCD64, 44, 45, 45, 0, 0, n, n, len(central), cd_offset)
     tail += _LOCATOR64.pack(_SIG_LOCATOR64, 0, eocd64_offset, 1)
     tail += _EOCD.pack(_SIG_EOCD, 0, 0, n, n, min(len(central), _U32), min(cd_offset, _U32), 0)
-    return bytes(head), tail
+    return tail
 
 
 # ----------------------------------------------------------------------------------------------------- reading
