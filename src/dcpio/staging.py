@@ -92,7 +92,7 @@ def _copy_all(dests: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
 
 def _placeholder(like: torch.Tensor, token: bytes) -> torch.Tensor:
     """A tensor of ``like``'s dtype and shape over a 16-byte storage holding ``_MAGIC`` and ``token``."""
-    storage = torch.UntypedStorage(_TOKEN_BYTES)
+    storage = torch.UntypedStorage(_TOKEN_BYTES)  # type: ignore[no-untyped-call]
     raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (_TOKEN_BYTES,), (1,))
     raw.copy_(torch.frombuffer(bytearray(_MAGIC + token), dtype=torch.uint8))
     shape = tuple(like.shape)
@@ -207,7 +207,7 @@ class DcpioStager:
         self._room = budget if budget is not None and self._format_allows_prewrite() else None
         self.prewritten = {}
         try:
-            staged = self._stage(state_dict, ())
+            staged: dict[str, Any] = self._stage(state_dict, ())
             self._write_overflow()
             _copy_all(*self._pending)
         finally:
@@ -304,7 +304,7 @@ class DcpioStager:
 
     def _format_allows_prewrite(self) -> bool:
         # placeholders become torch_save records; the SAFETENSORS layout writes one blob per file at the end
-        return getattr(self.serialization_format, "value", self.serialization_format) == "torch_save"
+        return bool(getattr(self.serialization_format, "value", self.serialization_format) == "torch_save")
 
     def _write_overflow(self) -> None:
         """Write the tensors over the budget into new data files of the checkpoint directory, now."""

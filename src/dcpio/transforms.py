@@ -160,7 +160,7 @@ def decode_limit(expected: tuple[Any, tuple[int, ...]] | None, stored_length: in
         numel = 1
         for s in sizes:
             numel *= s
-        return numel * dtype.itemsize + _ENVELOPE_SLACK
+        return numel * int(dtype.itemsize) + _ENVELOPE_SLACK
     return max(_BYTES_FLOOR, _BYTES_RATIO * stored_length)
 
 

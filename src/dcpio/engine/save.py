@@ -103,7 +103,7 @@ def _resolved(items: Sequence[WriteItem], planner: SavePlanner, copy_ahead: int)
         with torch.cuda.device(src.device):
             host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
             host.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(torch.cuda.current_stream(src.device))
         nbytes = src.numel() * src.element_size()
         pending.append((item, host, event, nbytes))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import xxhash
 
@@ -81,7 +81,7 @@ class BlockChecksums:
                 f"{where}: the checksum record in .metadata is malformed ({type(record).__name__}); "
                 "the metadata is damaged. Load with verify_checksums=False only if you trust the data."
             )
-        rec: tuple[str, int, int, int, bytes] = record  # type: ignore[assignment]
+        rec = cast("tuple[Any, ...]", record)
         block_size, base, length, digests = rec[1], rec[2], rec[3], rec[4]
         blocks = -(-length // block_size) if block_size > 0 else -1
         if block_size <= 0 or base < 0 or length < 0 or len(digests) != _DIGEST * blocks:
@@ -90,7 +90,7 @@ class BlockChecksums:
                 f"length={length}, {len(digests)} digest bytes); the metadata is damaged."
             )
         if len(rec) == 7:
-            head_length, head_digest = rec[5], rec[6]  # type: ignore[misc]
+            head_length, head_digest = rec[5], rec[6]
             if head_length < 0 or head_length > length or len(head_digest) != _DIGEST:
                 raise CorruptCheckpointError(f"{where}: the checksum record's header digest is malformed")
             return cls(block_size, base, length, digests, head_length, head_digest)

@@ -203,7 +203,7 @@ def _bytes(*args: object) -> bytes:
     # protocols 0-2 spell b"" as bytes(); refuse the forms that allocate from an int or read an iterable
     if args and not (len(args) == 1 and isinstance(args[0], bytes | bytearray)):
         raise UnsafeCheckpointError("metadata calls bytes() with arguments; refused")
-    return bytes(*args)  # type: ignore[arg-type]
+    return bytes(*args)
 
 
 def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
@@ -448,8 +448,7 @@ def _short(err: BaseException) -> str:
 # the one structural check of parsed metadata
 
 _FIELDS: dict[type, frozenset[str]] = {
-    cls: frozenset(f.name for f in cls.__dataclass_fields__.values())  # type: ignore[attr-defined]
-    for cls in (*_DATACLASSES, _StorageInfo)
+    cls: frozenset(f.name for f in cls.__dataclass_fields__.values()) for cls in (*_DATACLASSES, _StorageInfo)
 }
 # dcpio records its block and tile checksums as extra attributes of torch's _StorageInfo
 _EXTRAS: dict[type, frozenset[str]] = {_StorageInfo: frozenset({"dcpio_checksum", "dcpio_tiles"})}
@@ -522,7 +521,7 @@ def _plain(value: object, what: str) -> None:
             continue
         if depth >= MAX_DEPTH or type(item) not in (tuple, list, dict):
             raise _Bad(f"{what} holds {_name(item)} at depth {depth}; only plain data is allowed there")
-        children = [*item.keys(), *item.values()] if type(item) is dict else item  # type: ignore[attr-defined]
+        children = [*item.keys(), *item.values()] if type(item) is dict else item
         todo.extend((child, depth + 1) for child in children)  # type: ignore[attr-defined]
 
 

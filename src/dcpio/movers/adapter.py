@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 from collections.abc import Generator
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any
 
 from torch.distributed.checkpoint.filesystem import FileSystemBase as TorchFileSystemBase
 
@@ -44,7 +44,7 @@ class TorchFileSystemAdapter(FileSystemBase):
     @contextmanager
     def create_stream(self, path: PathLike, mode: str) -> Generator[io.IOBase, None, None]:
         with self.inner.create_stream(path, mode) as stream:
-            yield cast(io.IOBase, stream)
+            yield stream
 
     def concat_path(self, path: PathLike, suffix: str) -> PathLike:
         return self.inner.concat_path(path, suffix)

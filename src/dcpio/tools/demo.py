@@ -210,7 +210,7 @@ def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, s
     x = _batch(rank, step)
     logits = model(x[:, :-1])
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     opt.step()
     opt.zero_grad()
 
@@ -351,7 +351,8 @@ def _first_failure(err: BaseException) -> BaseException:
     failures = getattr(err, "failures", None)
     if isinstance(failures, dict) and failures:
         first = next(iter(failures.values()))
-        return first[0] if isinstance(first, tuple) else first
+        found: BaseException = first[0] if isinstance(first, tuple) else first
+        return found
     return err
 
 

@@ -128,8 +128,36 @@ def _dir_listing(path: str, opts: Mapping[str, Any]) -> tuple[list[str], dict[st
 
 
 def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None, opts: Mapping[str, Any]) -> None:
+    src = _open_dcp(path, report, opts)
+    if src is None:
+        return
+    storage = src.storage_info()
+    names, sizes = _dir_listing(path, opts)
+    referenced = {info.relative_path for info in storage.values()}
+    report.unreferenced = sorted(n for n in names if n not in referenced and not _METADATA_RE.match(n))
+    report.checksummed = bool(storage) and all(getattr(i, "dcpio_checksum", None) is not None for i in storage.values())
+    # whole-file problems first: a missing or short file explains every item error that follows from it
+    bad_files = _check_files(storage, sizes, report)
+    total = sum(int(i.length) for i in storage.values() if i.relative_path not in bad_files)
+    scan = _Scan(src, report, progress, bad_files, total)
+    for idx, info in storage.items():
+        scan.by_fqn.setdefault(idx.fqn, []).append(info)
+        scan.by_chunk.setdefault((idx.fqn, tuple(idx.offset or ())), []).append(info)
+    scan.tick(0)
+    for name, md in src.metadata.state_dict_metadata.items():
+        if isinstance(md, BytesStorageMetadata):
+            scan.blob(name)
+        elif isinstance(md, TensorStorageMetadata):
+            for chunk in md.chunks:
+                scan.chunk(name, chunk)
+        report.items_checked += 1
+    scan.tick(total)
+
+
+def _open_dcp(path: str, report: VerifyReport, opts: Mapping[str, Any]) -> DcpSource | None:
+    """The checkpoint's source, or None with the metadata problem reported."""
     try:
-        src = DcpSource(path, opts)
+        return DcpSource(path, opts)
     except FileNotFoundError as err:
         report.problems.append(
             Problem(
@@ -140,41 +168,27 @@ def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None, op
                 "the save never committed. Save again or restore .metadata from a good copy.",
             )
         )
-        return
     except CheckpointError as err:
         report.problems.append(Problem("metadata", ".metadata", None, _first_line(err)))
-        return
+    return None
 
-    storage = src.storage_info()
-    names, sizes = _dir_listing(path, opts)
-    referenced = {info.relative_path for info in storage.values()}
-    report.unreferenced = sorted(n for n in names if n not in referenced and not _METADATA_RE.match(n))
-    report.checksummed = bool(storage) and all(getattr(i, "dcpio_checksum", None) is not None for i in storage.values())
 
-    # whole-file problems first: a missing or short file explains every item error that follows from it
+def _check_files(storage: Mapping[Any, Any], sizes: Mapping[str, int], report: VerifyReport) -> set[str]:
+    """Report data files that are missing or shorter than the metadata needs; return the missing ones."""
     needed: dict[str, int] = {}
     holders_of: dict[str, set[str]] = {}
-    by_fqn: dict[str, list[Any]] = {}
-    by_chunk: dict[tuple[str, tuple[int, ...]], list[Any]] = {}
     for idx, info in storage.items():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), int(info.offset) + int(info.length))
         holders_of.setdefault(info.relative_path, set()).add(idx.fqn)
-        by_fqn.setdefault(idx.fqn, []).append(info)
-        by_chunk.setdefault((idx.fqn, tuple(idx.offset or ())), []).append(info)
     bad_files: set[str] = set()
     for rel, need in sorted(needed.items()):
         holders = sorted(holders_of[rel])
         if rel not in sizes:
             bad_files.add(rel)
+            more = " ..." if len(holders) > 8 else ""
+            fix = "Restore it from a good copy or save again."
             report.problems.append(
-                Problem(
-                    "missing-file",
-                    rel,
-                    None,
-                    f"{rel} is missing; it holds {', '.join(holders[:8])}"
-                    + (" ..." if len(holders) > 8 else "")
-                    + ". Restore it from a good copy or save again.",
-                )
+                Problem("missing-file", rel, None, f"{rel} is missing; it holds {', '.join(holders[:8])}{more}. {fix}")
             )
         elif sizes[rel] < need:
             report.problems.append(
@@ -186,48 +200,60 @@ def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None, op
                     "it is truncated. Restore it from a good copy or save again.",
                 )
             )
+    return bad_files
 
-    total = sum(int(i.length) for i in storage.values() if i.relative_path not in bad_files)
-    done = 0
-    if progress is not None:
-        progress("verify", 0, total)
-    item_file: str | None
-    for name, md in src.metadata.state_dict_metadata.items():
-        if isinstance(md, BytesStorageMetadata):
-            infos = by_fqn.get(name, [])
-            item_file = infos[0].relative_path if infos else None
-            if item_file in bad_files:
-                report.problems.append(
-                    Problem("missing-file", item_file, name, f"object {name!r}: {item_file} is missing")
-                )
-                continue
-            try:
-                blob = src.load_blob(name)
-                report.bytes_read += len(blob)
-            except Exception as err:  # every failure of one item is reported and the scan goes on
-                report.problems.append(Problem(_classify(err), item_file, name, f"object {name!r}: {_first_line(err)}"))
-            done += sum(int(i.length) for i in infos)
-        elif isinstance(md, TensorStorageMetadata):
-            for chunk in md.chunks:
-                infos = by_chunk.get((name, tuple(chunk.offsets)), [])
-                item_file = infos[0].relative_path if infos else None
-                where = f"chunk at offsets {list(chunk.offsets)}"
-                if item_file in bad_files:
-                    report.problems.append(Problem("missing-file", item_file, name, f"{where}: {item_file} is missing"))
-                    continue
-                try:
-                    buf = src.load_chunk(name, chunk)
-                    report.bytes_read += buf.numel() * buf.element_size()
-                    if infos:
-                        _check_tiles(infos[0], buf, f"{item_file}: tensor '{name}' ({where})")
-                except Exception as err:  # every failure of one chunk is reported and the scan goes on
-                    report.problems.append(Problem(_classify(err), item_file, name, f"{where}: {_first_line(err)}"))
-                done += sum(int(i.length) for i in infos)
-                if progress is not None:
-                    progress("verify", min(done, total), total)
-        report.items_checked += 1
-    if progress is not None:
-        progress("verify", total, total)
+
+class _Scan:
+    """Reads every item of a checkpoint through its source, reporting each failure and going on."""
+
+    def __init__(
+        self, src: DcpSource, report: VerifyReport, progress: ProgressFn | None, bad_files: set[str], total: int
+    ) -> None:
+        self.src = src
+        self.report = report
+        self.progress = progress
+        self.bad_files = bad_files
+        self.total = total
+        self.done = 0
+        self.by_fqn: dict[str, list[Any]] = {}
+        self.by_chunk: dict[tuple[str, tuple[int, ...]], list[Any]] = {}
+
+    def tick(self, done: int) -> None:
+        if self.progress is not None:
+            self.progress("verify", min(done, self.total), self.total)
+
+    def blob(self, name: str) -> None:
+        infos = self.by_fqn.get(name, [])
+        item_file = infos[0].relative_path if infos else None
+        if item_file in self.bad_files:
+            self.report.problems.append(
+                Problem("missing-file", item_file, name, f"object {name!r}: {item_file} is missing")
+            )
+            return
+        try:
+            self.report.bytes_read += len(self.src.load_blob(name))
+        except Exception as err:  # every failure of one item is reported and the scan goes on
+            self.report.problems.append(
+                Problem(_classify(err), item_file, name, f"object {name!r}: {_first_line(err)}")
+            )
+        self.done += sum(int(i.length) for i in infos)
+
+    def chunk(self, name: str, chunk: Any) -> None:
+        infos = self.by_chunk.get((name, tuple(chunk.offsets)), [])
+        item_file = infos[0].relative_path if infos else None
+        where = f"chunk at offsets {list(chunk.offsets)}"
+        if item_file in self.bad_files:
+            self.report.problems.append(Problem("missing-file", item_file, name, f"{where}: {item_file} is missing"))
+            return
+        try:
+            buf = self.src.load_chunk(name, chunk)
+            self.report.bytes_read += buf.numel() * buf.element_size()
+            if infos:
+                _check_tiles(infos[0], buf, f"{item_file}: tensor '{name}' ({where})")
+        except Exception as err:  # every failure of one chunk is reported and the scan goes on
+            self.report.problems.append(Problem(_classify(err), item_file, name, f"{where}: {_first_line(err)}"))
+        self.done += sum(int(i.length) for i in infos)
+        self.tick(self.done)
 
 
 def _check_tiles(info: Any, chunk: torch.Tensor, where: str) -> None:

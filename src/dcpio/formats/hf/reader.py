@@ -221,7 +221,7 @@ class HuggingFaceStorageReader(StorageReader):
                 check_tiling(fqn, md.size, [(c.offsets, c.sizes) for c in md.chunks], self.path, fix)
         self.storage_data = storage
         return Metadata(
-            state_dict_metadata=dict(sd_md),  # type: ignore[arg-type]
+            state_dict_metadata=dict(sd_md),
             storage_data=storage,
             storage_meta=StorageMeta(checkpoint_id=self.path, load_id=self.load_id),
         )
@@ -266,7 +266,7 @@ class HuggingFaceStorageReader(StorageReader):
         deferred, self._deferred = self._deferred, None
         if deferred is not None:
             raise deferred
-        self.storage_data = metadata.storage_data  # type: ignore[assignment]
+        self.storage_data = metadata.storage_data
         if not isinstance(self.storage_data, dict):
             raise CheckpointError(f"{self.path}: metadata did not come from HuggingFaceStorageReader.read_metadata")
 
