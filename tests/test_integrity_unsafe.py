@@ -3,7 +3,7 @@
 Every payload here is harmless: it creates a marker file. dcpio must refuse each one with
 :class:`dcpio.UnsafeCheckpointError` naming the class or the path, and the marker must not exist afterwards (proof
 that nothing ran). The same files given to torch's own reader, in a process that never imports dcpio, run the payload
-or read outside the directory: that is the contrast documented in docs/what_happens_when.md.
+or read outside the directory: that is the contrast documented in the README ("What happens when").
 """
 
 from __future__ import annotations
