@@ -95,7 +95,7 @@ class _CountingHandle:
 
     def __init__(self, inner: Any, add: Callable[[int], None]) -> None:
         self._inner, self._add = inner, add
-        self.path, self.prefers_large_reads = inner.path, inner.prefers_large_reads
+        self.path = inner.path  # capabilities(), mapped() and the rest come from the inner handle
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         self._inner.readinto(offset, buf)

@@ -9,6 +9,7 @@ this module there); each prints one JSON line per measurement.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 import dcpio
 from dcpio._runtime import pauses_held
 from dcpio.movers.base import ReadHandle
+from dcpio.movers.capabilities import Capabilities
 from helpers import (
     assert_tree_equal,
     exception_chain,
@@ -51,7 +53,6 @@ class _CountingHandle(ReadHandle):
     def __init__(self, inner: ReadHandle, counts: collections.Counter[str]) -> None:
         self.inner = inner
         self.path = inner.path
-        self.prefers_large_reads = inner.prefers_large_reads
         self.name = str(inner.path).rsplit("/", 1)[-1]
         self.counts = counts
 
@@ -68,6 +69,9 @@ class _CountingHandle(ReadHandle):
 
     def mapped(self) -> torch.Tensor | None:
         return None  # every byte goes through a counted read
+
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(self.inner.capabilities(), can_map=False)
 
     def close(self) -> None:
         self.inner.close()
