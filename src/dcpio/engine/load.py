@@ -81,8 +81,9 @@ class _Group:
     def is_bytes(self) -> bool:
         return self.requests[0].type == LoadItemType.BYTE_IO
 
-    @property
+    @functools.cached_property
     def where(self) -> str:
+        # built once: every step of the item's read names it in its errors
         kind = "item" if self.is_bytes else "tensor"
         return f"{self.info.relative_path}: {kind} '{item_name(self.requests[0].storage_index)}'"
 
@@ -193,7 +194,7 @@ def read_plan(
                 for req in group.requests:
                     _resolve_target(req, planner, load)
         stored = [_prepare(group, load) for group in groups]
-        load.caps = {item.path: capabilities(sources(item.path).handle) for item in stored}
+        load.caps = {path: capabilities(sources(path).handle) for path in {item.path for item in stored}}
         located = {g.key for g in groups if g.predicted is not None}
         fetches, in_place = plan_fetches(stored, load.caps, located)
         with gc_paused():
@@ -209,10 +210,12 @@ def read_plan(
 def _tasks(
     fetches: list[Fetch], in_place: list[StoredItem], groups: list[_Group], load: _Load
 ) -> list[Callable[[], None]]:
-    # fetches in file order, a few per task (one task per thread locally; four per thread on object stores, where
-    # each waits on the network); then the in-place items, largest first so the long reads start early
+    # fetches in file order, then the in-place items, largest first so the long reads start early. Locally the
+    # fetches are one task: serving small items is Python work under the GIL, done by one thread while the others
+    # run the large reads (which release it); split, every thread would start with GIL-bound work at once. On object
+    # stores, four tasks per thread, each waiting on the network
     on_store = any(c.request_bound for c in load.caps.values())
-    batches = max(1, load.opts.threads) * (4 if on_store else 1)
+    batches = max(1, load.opts.threads) * 4 if on_store else 1
     per_batch = max(1, -(-len(fetches) // batches))
     tasks: list[Callable[[], None]] = [
         functools.partial(_run_fetches, fetches[i : i + per_batch], groups, load)
@@ -297,10 +300,10 @@ def _serve_in_place(group: _Group, load: _Load) -> None:
 def _serve_fetched(memory: MemorySource, group: _Group, load: _Load) -> None:
     """Serve ``group`` from its whole stored item, already in memory."""
     info = group.info
-    stored = memory.window(ByteRange(info.offset, info.offset + info.length))
-    assert stored is not None  # a memory source always has a view
     if group.is_bytes or info.transform_descriptors:
         _verify_whole(memory, group, load)
+        stored = memory.window(ByteRange(info.offset, info.offset + info.length))
+        assert stored is not None  # a memory source always has a view
         raw = bytes(byte_view(stored)) if info.length else b""
         if group.is_bytes:
             transformed = bool(info.transform_descriptors)
@@ -332,9 +335,7 @@ def _verify_whole(memory: MemorySource, group: _Group, load: _Load) -> None:
     if not load.opts.verify or group.sums is None:
         return
     rng = ByteRange(group.info.offset, group.info.offset + group.info.length)
-    view = memory.window(rng)
-    assert view is not None
-    Verifier(group.sums, None, memory.path, group.where).blocks([(rng.start, byte_view(view))], load.stats)
+    Verifier(group.sums, None, memory.path, group.where).blocks([(rng.start, memory.bytes_at(rng))], load.stats)
 
 
 def _serve_decoded(raw: bytes, group: _Group, load: _Load) -> None:

@@ -177,3 +177,8 @@ class MemorySource(Source):
     def window(self, rng: ByteRange) -> torch.Tensor | None:
         self._check(rng.start, rng.stop)
         return self._data.narrow(0, rng.start - self.base, rng.length)
+
+    def bytes_at(self, rng: ByteRange) -> memoryview:
+        """The bytes of ``rng`` as a memoryview slice (no tensor made: small items are served by the hundred)."""
+        self._check(rng.start, rng.stop)
+        return self._view[rng.start - self.base : rng.stop - self.base]
