@@ -76,6 +76,7 @@ class _Group:
     sums: BlockChecksums | None = None
     tiles: TileChecksums | None = None
     predicted: TensorLayout | None = None
+    prepared: bool = False
 
     @property
     def is_bytes(self) -> bool:
@@ -157,8 +158,28 @@ def _group(
     return list(groups.values())
 
 
-def _prepare(group: _Group, load: _Load) -> StoredItem:
-    """Check the item against its file, read its checksum records and predict its layout."""
+def _stored(group: _Group) -> StoredItem:
+    """What the planner needs of an item: where its bytes are and whether it must be fetched whole."""
+    info = group.info
+    whole = group.is_bytes or bool(info.transform_descriptors)
+    return StoredItem(group.key, group.path, ByteRange(info.offset, info.offset + info.length), whole)
+
+
+def _head_recorded(group: _Group) -> bool:
+    """Whether the metadata records the item's head (a dcpio record whose layout it predicts); checked for real
+    when the item is prepared."""
+    record = getattr(group.info, ATTRIBUTE, None)
+    return (
+        not group.is_bytes and not group.info.transform_descriptors and isinstance(record, tuple) and len(record) == 7
+    )
+
+
+def _prepare(group: _Group, load: _Load) -> None:
+    """Check the item against its file, read its checksum records and predict its layout. Runs on the worker
+    that serves the item: per item it is Python work under the GIL, which overlaps the other workers' reads."""
+    if group.prepared:
+        return
+    group.prepared = True
     info, where = group.info, group.where
     size = load.sources(group.path).size()
     if info.offset + info.length > size:
@@ -170,8 +191,6 @@ def _prepare(group: _Group, load: _Load) -> StoredItem:
     if not group.is_bytes:
         group.tiles = _tiles(info, where)
         group.predicted = predict(info, group.sums, load.opts.expected(group.requests[0].storage_index))
-    whole = group.is_bytes or bool(info.transform_descriptors)
-    return StoredItem(group.key, group.path, ByteRange(info.offset, info.offset + info.length), whole)
 
 
 def read_plan(
@@ -193,16 +212,18 @@ def read_plan(
             if not group.is_bytes:
                 for req in group.requests:
                     _resolve_target(req, planner, load)
-        stored = [_prepare(group, load) for group in groups]
+        stored = [_stored(group) for group in groups]
         load.caps = {path: capabilities(sources(path).handle) for path in {item.path for item in stored}}
-        located = {g.key for g in groups if g.predicted is not None}
+        located = {g.key for g in groups if _head_recorded(g)}
         fetches, in_place = plan_fetches(stored, load.caps, located)
         with gc_paused():
             errors = run_queued(_tasks(fetches, in_place, groups, load), opts.threads, name="dcpio-r")
+            if not errors:
+                # inside the pause too: unpickling the byte items allocates enough to set off a full collection
+                _hand_over(groups, load, planner, check_bytes)
     finally:
         sources.close()
     raise_first(errors)
-    _hand_over(groups, load, planner, check_bytes)
     stats.seconds = time.perf_counter() - started
     return stats
 
@@ -287,6 +308,7 @@ def _execute(
 
 
 def _serve_in_place(group: _Group, load: _Load) -> None:
+    _prepare(group, load)
     source = load.sources(group.path)
     verify = load.opts.verify
     layout = group.predicted
@@ -299,6 +321,7 @@ def _serve_in_place(group: _Group, load: _Load) -> None:
 
 def _serve_fetched(memory: MemorySource, group: _Group, load: _Load) -> None:
     """Serve ``group`` from its whole stored item, already in memory."""
+    _prepare(group, load)
     info = group.info
     if group.is_bytes or info.transform_descriptors:
         _verify_whole(memory, group, load)
