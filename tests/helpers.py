@@ -418,6 +418,12 @@ _RANK_BOOTSTRAP = textwrap.dedent(
         sys.stdout.flush()
         # skip interpreter teardown: other ranks may be blocked in a collective with us
         os._exit(1)
+    else:
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # skip C++ static teardown as well: a gloo thread still joinable there aborts the process
+        # ("terminate called without an active exception", exit -6) after the work succeeded; seen once in CI
+        os._exit(0)
     """
 )
 
