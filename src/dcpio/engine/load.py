@@ -38,12 +38,12 @@ from dcpio.errors import CheckpointError, CorruptCheckpointError, PlanMismatchEr
 from dcpio.formats.locate import Expected, check_expected, head_checker, is_record, locate, predict
 from dcpio.integrity.checksum import ATTRIBUTE, BlockChecksums
 from dcpio.integrity.tiles import TILE_ATTRIBUTE, TileChecksums
-from dcpio.movers.base import FileSystemBase, ReadHandle
+from dcpio.movers.base import FileSystemBase
 from dcpio.movers.capabilities import UNBOUNDED
 from dcpio.tensor_bytes import byte_view, is_dense_cpu, thread_scratch
 from dcpio.transforms import apply_decode, decode_limit
 
-__all__ = ["ReadOptions", "capabilities", "read_plan"]
+__all__ = ["ReadOptions", "SourceCache", "read_plan"]
 
 
 # an item already in memory: views instead of requests, nothing left to verify
@@ -60,11 +60,6 @@ class ReadOptions:
     expected: Callable[[MetadataIndex], Expected] = lambda index: None
 
 
-def capabilities(handle: ReadHandle) -> Capabilities:
-    """What the planner may assume of ``handle``'s file: what its mover declares."""
-    return handle.capabilities()
-
-
 @dataclass
 class _Group:
     """All read requests that hit one stored item."""
@@ -76,7 +71,6 @@ class _Group:
     sums: BlockChecksums | None = None
     tiles: TileChecksums | None = None
     predicted: TensorLayout | None = None
-    prepared: bool = False
 
     @property
     def is_bytes(self) -> bool:
@@ -169,17 +163,12 @@ def _head_recorded(group: _Group) -> bool:
     """Whether the metadata records the item's head (a dcpio record whose layout it predicts); checked for real
     when the item is prepared."""
     record = getattr(group.info, ATTRIBUTE, None)
-    return (
-        not group.is_bytes and not group.info.transform_descriptors and isinstance(record, tuple) and len(record) == 7
-    )
+    return not group.is_bytes and not group.info.transform_descriptors and BlockChecksums.records_head(record)
 
 
 def _prepare(group: _Group, load: _Load) -> None:
     """Check the item against its file, read its checksum records and predict its layout. Runs on the worker
     that serves the item: per item it is Python work under the GIL, which overlaps the other workers' reads."""
-    if group.prepared:
-        return
-    group.prepared = True
     info, where = group.info, group.where
     size = load.sources(group.path).size()
     if info.offset + info.length > size:
@@ -213,7 +202,7 @@ def read_plan(
                 for req in group.requests:
                     _resolve_target(req, planner, load)
         stored = [_stored(group) for group in groups]
-        load.caps = {path: capabilities(sources(path).handle) for path in {item.path for item in stored}}
+        load.caps = {path: sources(path).caps for path in {item.path for item in stored}}
         located = {g.key for g in groups if _head_recorded(g)}
         fetches, in_place = plan_fetches(stored, load.caps, located)
         with gc_paused():
@@ -309,6 +298,11 @@ def _execute(
 
 def _serve_in_place(group: _Group, load: _Load) -> None:
     _prepare(group, load)
+    _serve_from_file(group, load)
+
+
+def _serve_from_file(group: _Group, load: _Load) -> None:
+    """Serve a prepared item by reading its file where the item's bytes are."""
     source = load.sources(group.path)
     verify = load.opts.verify
     layout = group.predicted
@@ -343,7 +337,7 @@ def _serve_fetched(memory: MemorySource, group: _Group, load: _Load) -> None:
         _serve_decoded(decoded, group, load)
         return
     if not is_record(memory, info.offset, info.length):
-        _serve_in_place(group, load)  # a SAFETENSORS blob: the item's bytes are elsewhere in the file
+        _serve_from_file(group, load)  # a SAFETENSORS blob: the item's bytes are elsewhere in the file
         return
     _verify_whole(memory, group, load)
     layout = group.predicted

@@ -17,6 +17,7 @@ import torch
 from dcpio.engine.requests import ByteRange
 from dcpio.errors import CorruptCheckpointError
 from dcpio.movers.base import ReadHandle
+from dcpio.movers.capabilities import Capabilities
 from dcpio.tensor_bytes import byte_view
 
 __all__ = ["FileSource", "IOStats", "MemorySource", "Source"]
@@ -122,6 +123,7 @@ class FileSource(Source):
         self.handle = handle
         self.path = handle.path
         self._stats = stats
+        self.caps: Capabilities = handle.capabilities()  # what the planner may assume of this file, asked once
 
     def size(self) -> int:
         return self.handle.size()

@@ -65,6 +65,11 @@ class BlockChecksums:
                 "the file from a good copy or load an earlier checkpoint; `dcpio verify` lists every damaged tensor."
             )
 
+    @staticmethod
+    def records_head(record: object) -> bool:
+        """Whether a metadata record (unvalidated) carries a header digest: the 7-field form of :meth:`from_record`."""
+        return isinstance(record, tuple) and len(record) == 7
+
     @classmethod
     def from_record(cls, record: object, where: str) -> BlockChecksums:
         """Validate a record read from metadata (untrusted) and build the object."""

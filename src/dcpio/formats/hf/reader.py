@@ -34,7 +34,7 @@ from torch.futures import Future
 from dcpio import knobs
 from dcpio._runtime import called_by_torch_load, gc_paused
 from dcpio.engine.executor import Verifier, run_tensor_ops
-from dcpio.engine.load import SourceCache, capabilities
+from dcpio.engine.load import SourceCache
 from dcpio.engine.planner import c_strides, plan_tensor
 from dcpio.engine.requests import Box, ByteRange, Target, TensorLayout
 from dcpio.engine.sources import FileSource, IOStats
@@ -326,7 +326,7 @@ def _read_item(source: FileSource, req: ReadItem, info: _HFStorageInfo, planner:
     shape = tuple(info.shape)
     nbytes = math.prod(shape) * info.dtype.itemsize
     stored = TensorLayout(info.dtype, shape, c_strides(shape), 0, ByteRange(info.offset, info.offset + nbytes))
-    caps = capabilities(source.handle)
+    caps = source.caps
     ops = plan_tensor(stored, [(box, Target(box.lengths, info.dtype, True))], None, None, caps, False, where)
     run_tensor_ops(source, stored, ops, [(box, dest)], Verifier(None, None, source.path, where), stats, None)
     if info.checksum is not None and not any(box.offsets) and box.lengths == shape:
