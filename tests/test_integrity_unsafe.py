@@ -244,6 +244,36 @@ def test_paths_outside_the_checkpoint_are_refused(tmp_path: Path, kind: str) -> 
     _dcpio_error(load_info.value, dcpio.UnsafeCheckpointError)
 
 
+@pytest.mark.parametrize("name", ["../outside.distcp", "/etc/hostname", "sub/../../outside.distcp", ""])
+def test_metadata_handed_in_by_the_caller_is_checked_entry_by_entry(tmp_path: Path, name: str) -> None:
+    """A reader skips re-checking the entries of the metadata it parsed itself; one it did not parse (another
+    reader's, a caller's edited copy) gets every entry checked before the engine trusts it."""
+    ckpt = tmp_path / "ckpt"
+    _good(ckpt)
+    md = _metadata(ckpt)  # parsed by another reader instance
+    info = next(v for k, v in md.storage_data.items() if k.fqn == "w")
+    info.relative_path = name
+    reader = dcpio.FileSystemReader(ckpt)
+    with pytest.raises((dcpio.UnsafeCheckpointError, dcpio.CorruptCheckpointError)) as err:
+        reader.set_up_storage_reader(md, True)
+    assert "'w'" in str(err.value), str(err.value)
+
+
+def test_metadata_parsed_by_the_reader_still_confines_each_file(tmp_path: Path) -> None:
+    """The reader's own parse checked the names; a data file swapped for a link afterwards is still refused."""
+    ckpt = tmp_path / "ckpt"
+    _good(ckpt)
+    reader = dcpio.FileSystemReader(ckpt)
+    md = reader.read_metadata()
+    info = next(v for k, v in md.storage_data.items() if k.fqn == "w")
+    outside = tmp_path / "outside.distcp"
+    shutil.move(ckpt / info.relative_path, outside)
+    os.symlink(outside, ckpt / info.relative_path)
+    with pytest.raises(dcpio.UnsafeCheckpointError) as err:
+        reader.set_up_storage_reader(md, True)
+    assert info.relative_path in str(err.value) and "outside the checkpoint" in str(err.value), str(err.value)
+
+
 def test_stock_torch_reads_outside_the_checkpoint(tmp_path: Path) -> None:
     """The contrast row: torch joins relative_path to the directory and reads whatever it names."""
     ckpt = tmp_path / "ckpt"

@@ -115,6 +115,7 @@ class FileSystemReader(StorageReader):
         self._group: collectives.GroupInfo | None = None  # the load's group while one is in progress
         self.storage_data: dict[Any, Any] = {}
         self._metadata: Metadata | None = None
+        self._parsed: Metadata | None = None  # what read_metadata parsed and validated, entry by entry
         self.load_id = str(uuid.uuid4())
         self.rank: int | None = None
         self.is_coordinator = False
@@ -171,6 +172,7 @@ class FileSystemReader(StorageReader):
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
+        self._parsed = metadata
         return metadata
 
     def _has_per_rank_metadata(self) -> bool:
@@ -243,6 +245,22 @@ class FileSystemReader(StorageReader):
             )
         root = str(self.path)
         local_root = self.fs.local_root(root)
+        if metadata is self._parsed:
+            # validated entry by entry as it was parsed (load_metadata); each file is still confined here
+            files: dict[str, str] = {}
+            for index, info in storage.items():
+                files.setdefault(info.relative_path, index.fqn)
+            for rel, fqn in files.items():
+                if local_root is not None:
+                    check_stays_inside(local_root, rel, f"{root}/{METADATA_NAME}: item '{fqn}'")
+        else:
+            self._check_storage_data(storage, root, local_root)
+        self.storage_data = storage
+        self._metadata = metadata
+
+    @staticmethod
+    def _check_storage_data(storage: dict[Any, Any], root: str, local_root: str | None) -> None:
+        """Metadata this reader did not parse (a caller's own object): the fields the engine relies on, checked."""
         checked: set[str] = set()
         for index, info in storage.items():
             where = f"{root}/{METADATA_NAME}: item '{getattr(index, 'fqn', index)}'"
@@ -262,8 +280,6 @@ class FileSystemReader(StorageReader):
             if local_root is not None and rel not in checked:
                 check_stays_inside(local_root, rel, where)
                 checked.add(rel)
-        self.storage_data = storage
-        self._metadata = metadata
 
     def _expected(self, index: Any) -> tuple[torch.dtype, tuple[int, ...]] | None:
         md = self._metadata.state_dict_metadata.get(index.fqn) if self._metadata is not None else None

@@ -67,14 +67,11 @@ class _Group:
     key: int
     path: str
     info: _StorageInfo
+    is_bytes: bool  # a BYTE_IO item (DCP keeps an item's requests of one kind)
     requests: list[ReadItem] = field(default_factory=list)
     sums: BlockChecksums | None = None
     tiles: TileChecksums | None = None
     predicted: TensorLayout | None = None
-
-    @property
-    def is_bytes(self) -> bool:
-        return self.requests[0].type == LoadItemType.BYTE_IO
 
     @functools.cached_property
     def where(self) -> str:
@@ -112,6 +109,7 @@ class _Load:
     opts: ReadOptions
     sources: SourceCache
     caps: dict[str, Capabilities]
+    sizes: dict[str, int]
     targets: dict[int, torch.Tensor]
     stats: IOStats
     byte_data: dict[int, bytes] = field(default_factory=dict)
@@ -147,7 +145,7 @@ def _group(
             path = paths.get(rel)
             if path is None:
                 path = paths[rel] = str(fs.concat_path(root, rel))
-            group = groups[req.storage_index] = _Group(len(groups), path, info)
+            group = groups[req.storage_index] = _Group(len(groups), path, info, req.type == LoadItemType.BYTE_IO)
         group.requests.append(req)
     return list(groups.values())
 
@@ -170,7 +168,7 @@ def _prepare(group: _Group, load: _Load) -> None:
     """Check the item against its file, read its checksum records and predict its layout. Runs on the worker
     that serves the item: per item it is Python work under the GIL, which overlaps the other workers' reads."""
     info, where = group.info, group.where
-    size = load.sources(group.path).size()
+    size = load.sizes[group.path]
     if info.offset + info.length > size:
         raise CorruptCheckpointError(
             f"{where}: the item spans bytes [{info.offset}, {info.offset + info.length}) but {group.path} has "
@@ -195,14 +193,16 @@ def read_plan(
     groups = _group(items, storage_data, fs, opts.root)
     stats = IOStats(items=len(groups), files=len({g.path for g in groups}))
     sources = SourceCache(fs, stats)
-    load = _Load(opts, sources, {}, {}, stats)
+    load = _Load(opts, sources, {}, {}, {}, stats)
     try:
         for group in groups:
             if not group.is_bytes:
                 for req in group.requests:
                     _resolve_target(req, planner, load)
         stored = [_stored(group) for group in groups]
-        load.caps = {path: sources(path).caps for path in {item.path for item in stored}}
+        opened = {path: sources(path) for path in {item.path for item in stored}}
+        load.caps = {path: source.caps for path, source in opened.items()}  # asked once per file
+        load.sizes = {path: source.size() for path, source in opened.items()}
         located = {g.key for g in groups if _head_recorded(g)}
         fetches, in_place = plan_fetches(stored, load.caps, located)
         with gc_paused():
