@@ -154,12 +154,6 @@ def _count_dcpio_reader(reader: Any, counts: dict[str, int]) -> None:
     reader.fs.open_reader, reader.fs.read_file = counting_open, counting_read_file
 
 
-def _mapped() -> int:
-    from dcpio.movers.local import mapped_bytes_read
-
-    return mapped_bytes_read()
-
-
 # ================================================================================================ state dicts
 def _replicated_state(size: int) -> dict[str, Any]:
     """Transformer-shaped fp32 tensors summing to about ``size`` bytes, the same on every rank, and a step."""
@@ -207,12 +201,13 @@ def _timed_load(make_reader: Callable[[], Any], system: str, cold: Path | None, 
     if cold is not None and dist.get_rank() == 0:
         _drop_cache(cold)
     dist.barrier()
-    mapped0 = _mapped()
     t0 = time.perf_counter()
     dcp.load(dest, storage_reader=reader)
     dist.barrier()
     seconds = time.perf_counter() - t0
-    data = sum(n for name, n in counts.items() if name != ".metadata") + (_mapped() - mapped0)
+    # plus the bytes dcpio took out of memory-mapped files, which the counting wrappers do not see
+    mapped = int(getattr(getattr(reader, "stats", None), "bytes_mapped", 0))
+    data = sum(n for name, n in counts.items() if name != ".metadata") + mapped
     return {"seconds": seconds, "metadata": counts.get(".metadata", 0), "data": data}
 
 

@@ -740,7 +740,7 @@ def _case_reshard(cfg: BenchConfig, root: str) -> list[CaseResult]:
         case.notes.append(
             "bytes read = /proc/self/io rchar delta around dcp.load in each rank (includes .metadata and "
             "gloo socket reads) plus the bytes dcpio copied or hashed out of memory-mapped data files (which rchar "
-            "cannot see; dcpio.movers.local.mapped_bytes_read); needed = the rank's target bytes"
+            "cannot see; the reader's stats.bytes_mapped); needed = the rank's target bytes"
         )
         paths = {s: os.path.join(root, f"reshard{save_world}-{s}") for s in systems}
         load_systems = list(systems)

@@ -32,16 +32,12 @@ __all__ = ["expected_block", "main", "read_proc_io"]
 
 
 def read_proc_io() -> dict[str, int]:
-    """This process's ``/proc/self/io`` counters (``rchar``, ``read_bytes``, ``syscr`` ...), plus ``mapped``: bytes
-    dcpio's readers took out of memory-mapped files, which ``rchar`` cannot see."""
+    """This process's ``/proc/self/io`` counters (``rchar``, ``read_bytes``, ``syscr`` ...)."""
     counters: dict[str, int] = {}
     with open("/proc/self/io", encoding="ascii") as stream:
         for line in stream:
             key, _, value = line.partition(":")
             counters[key.strip()] = int(value)
-    from dcpio.movers.local import mapped_bytes_read
-
-    counters["mapped"] = mapped_bytes_read()
     return counters
 
 
@@ -145,16 +141,20 @@ def _reshard_load(job: dict[str, Any]) -> dict[str, Any]:
         per_round: dict[str, dict[str, float]] = {}
         for system in systems[k:] + systems[:k]:
             dist.barrier()
+            reader = make_reader(system, job["paths"][system])
             before = read_proc_io()
             start = time.perf_counter()
-            dcp.load(targets[system], storage_reader=make_reader(system, job["paths"][system]))
+            dcp.load(targets[system], storage_reader=reader)
             seconds = time.perf_counter() - start
             after = read_proc_io()
+            # bytes dcpio copied or hashed out of memory-mapped files, which rchar cannot see (0 for torch's reader)
+            stats = getattr(reader, "stats", None)
+            mapped = int(getattr(stats, "bytes_mapped", 0))
             per_round[system] = {
                 "seconds": seconds,
                 # every byte taken from the checkpoint: read calls plus what was copied or hashed out of maps
-                "rchar": after["rchar"] - before["rchar"] + after["mapped"] - before["mapped"],
-                "mapped": after["mapped"] - before["mapped"],
+                "rchar": after["rchar"] - before["rchar"] + mapped,
+                "mapped": mapped,
                 "read_bytes": after["read_bytes"] - before["read_bytes"],
                 "syscr": after["syscr"] - before["syscr"],
             }

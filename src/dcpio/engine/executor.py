@@ -13,11 +13,10 @@ import torch
 
 from dcpio.engine.planner import c_strides
 from dcpio.engine.requests import Box, ByteRange, MappedCopy, ReadInto, ReadStrided, TensorLayout, TensorOp
-from dcpio.engine.sources import IOStats, Source
+from dcpio.engine.sources import FileSource, IOStats, Source
 from dcpio.errors import CorruptCheckpointError
 from dcpio.integrity.checksum import BlockChecksums, verify_pieces
 from dcpio.integrity.tiles import TileChecksums
-from dcpio.movers.local import count_mapped
 from dcpio.tensor_bytes import byte_view, thread_scratch
 
 __all__ = ["NoWindow", "Verifier", "read_extent", "run_tensor_ops"]
@@ -171,7 +170,7 @@ def _copy_mapped(
         dest = staged.view(torch.uint8)
     if op.mode == "plain":
         dest.copy_(boxed)
-        _mapped(stats, boxed.numel() * boxed.element_size())
+        _mapped(stats, source, boxed.numel() * boxed.element_size())
     elif op.mode == "tiles":
         _copy_tiles(source, layout, region, box, boxed, dest, check, stats)
     else:
@@ -180,9 +179,10 @@ def _copy_mapped(
         target.copy_(staged)
 
 
-def _mapped(stats: IOStats, nbytes: int) -> None:
-    stats.add(mapped=nbytes)
-    count_mapped(nbytes)
+def _mapped(stats: IOStats, source: Source, nbytes: int) -> None:
+    # a file's map is storage the read requests did not count; an in-memory source's bytes were counted as read
+    if isinstance(source, FileSource):
+        stats.add(mapped=nbytes)
 
 
 def _copy_tiles(
@@ -214,7 +214,7 @@ def _copy_tiles(
         r_lo, r_hi = max(a, g * g_rows), min(a + n0, (g + 1) * g_rows)
         dest.narrow(0, r_lo - a, r_hi - r_lo).copy_(boxed.narrow(0, r_lo - a, r_hi - r_lo))
     stats.add(hashed=touched)
-    _mapped(stats, touched)
+    _mapped(stats, source, touched)
 
 
 def _copy_bands(
@@ -253,4 +253,4 @@ def _copy_bands(
             dest.narrow(0, r - a, r_end - r).copy_(boxed.narrow(0, r - a, r_end - r))
         else:
             dest.copy_(boxed)
-    _mapped(stats, touched)
+    _mapped(stats, source, touched)

@@ -6,8 +6,8 @@ really do move bytes at once. Errors are turned into dcpio's own with the file n
 
 Scattered reads (a column slice of a stored chunk: one short run per row) go through a read-only memory map of the
 file instead: one ``preadv`` per row costs a system call per few KiB, while a strided copy out of the map moves
-only the bytes asked for at memory speed. Bytes taken out of maps are not in ``/proc/self/io``'s ``rchar``;
-:func:`mapped_bytes_read` counts them (the bench adds them to what it reports as read).
+only the bytes asked for at memory speed. Bytes taken out of maps are not in ``/proc/self/io``'s ``rchar``; the
+reader's ``stats.bytes_mapped`` counts them.
 """
 
 from __future__ import annotations
@@ -29,32 +29,12 @@ import torch
 from dcpio.errors import CheckpointReadError, CheckpointWriteError, StorageFullError, UnsafeCheckpointError
 from dcpio.movers.base import FileSystemBase, PathLike, ReadHandle, WriteHandle, _truncated
 
-__all__ = ["FileSystem", "LocalReadHandle", "LocalWriteHandle", "mapped_bytes_read", "write_error"]
+__all__ = ["FileSystem", "LocalReadHandle", "LocalWriteHandle", "write_error"]
 
 _IOV_MAX = 512  # below every platform's IOV_MAX (1024 on Linux)
 _MAX_IO = 1 << 30  # Linux moves at most 0x7ffff000 bytes a call; stay below it
 
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-
-_mapped_lock = threading.Lock()
-_mapped_total = 0
-
-
-def count_mapped(nbytes: int) -> None:
-    """Record ``nbytes`` taken out of a memory-mapped data file (see :func:`mapped_bytes_read`)."""
-    global _mapped_total
-    with _mapped_lock:
-        _mapped_total += nbytes
-
-
-def mapped_bytes_read() -> int:
-    """Bytes this process has copied or hashed out of memory-mapped checkpoint files since it started.
-
-    The kernel's ``rchar`` counter (``/proc/self/io``) sees ``read``/``pread`` calls only; add this to it to get every
-    byte dcpio's readers took from local data files.
-    """
-    with _mapped_lock:
-        return _mapped_total
 
 
 def write_error(path: str, err: OSError, what: str = "writing") -> Exception:
