@@ -28,7 +28,6 @@ import dataclasses
 import logging
 import os
 import pickle
-import re
 import threading
 import time
 import uuid
@@ -55,7 +54,7 @@ from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.movers.adapter import as_mover
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
-from dcpio.names import DATA_SUFFIX, METADATA_NAME, per_rank_metadata_name
+from dcpio.names import DATA_SUFFIX, METADATA_NAME, data_file_prefix, data_file_rank, per_rank_metadata_name
 from dcpio.staging import DcpioStager, take_prewritten
 from dcpio.transforms import StreamTransformExtension
 
@@ -66,7 +65,6 @@ _log = logging.getLogger("dcpio")
 DEFAULT_SUFFIX = DATA_SUFFIX
 _DCP_VERSION = "1.0.0"  # the metadata version torch's FileSystemWriter records (filesystem.CURRENT_DCP_VERSION)
 # data files dcpio (or torch) names: __{rank}_{n}.distcp, or __{rank}_{n}.{tag}.distcp when the plain name is taken
-_DATA_FILE = re.compile(r"^__(\d+)_\d+(\.[0-9a-f]{8})?\.distcp$")
 
 
 def metadata_path(fs: FileSystemBase, root: Any, rank: int | None) -> str:
@@ -115,7 +113,7 @@ def _buckets(items: Sequence[WriteItem], count: int) -> list[list[WriteItem]]:
 
 def _prefix_of(plan: SavePlan, rank: int) -> str:
     given = plan.storage_data
-    return given.prefix if isinstance(given, _StoragePrefix) else f"__{rank}_"
+    return given.prefix if isinstance(given, _StoragePrefix) else data_file_prefix(rank)
 
 
 class _DcpioWriter(StorageWriter):
@@ -153,6 +151,11 @@ class _DcpioWriter(StorageWriter):
         self.stats = IOStats()  # what the last save's write_data did (see dcpio.IOStats)
         self._lock: SaveLock | None = None
         self._generation: int | None = None
+
+    @property
+    def save_tag(self) -> str:
+        """8 hex digits of this save's id: what a data file name carries when the plain name is an earlier save's."""
+        return self.save_id.replace("-", "")[:8]
 
     @property
     def fs(self) -> FileSystemBase:
@@ -207,7 +210,7 @@ class _DcpioWriter(StorageWriter):
         self.fs.mkdir(self.path)
         self._take_lock()
         if self.rank is not None and not self.use_collectives:
-            plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{self.rank}_"))
+            plan = dataclasses.replace(plan, storage_data=_StoragePrefix(data_file_prefix(self.rank)))
         start_gc_pause(self)  # through torch's global planning to this rank's last write; see GcPause
         return plan
 
@@ -234,11 +237,11 @@ class _DcpioWriter(StorageWriter):
         return self.thread_count if self.thread_count is not None else knobs.default_io_threads()
 
     def _file_name(self, prefix: str, n: int, taken: Set[str] | None) -> str:
-        name = f"{prefix}{n}{DEFAULT_SUFFIX}"
+        name = f"{prefix}{n}{DATA_SUFFIX}"
         exists = (name in taken) if taken is not None else self.fs.exists(self.fs.concat_path(self.path, name))
         if exists:
             # the name belongs to an earlier save (perhaps the committed one): never write over it
-            name = f"{prefix}{n}.{self.save_id.replace('-', '')[:8]}{DEFAULT_SUFFIX}"
+            name = f"{prefix}{n}.{self.save_tag}{DATA_SUFFIX}"
         return name
 
     def _existing_names(self) -> set[str]:
@@ -258,7 +261,7 @@ class _DcpioWriter(StorageWriter):
         prefix_obj = plan.storage_data
         if isinstance(prefix_obj, DecidedPrefix) and prefix_obj.refused:
             self._refuse_existing()
-        prefix = prefix_obj.prefix if isinstance(prefix_obj, _StoragePrefix) else f"__{self.rank or 0}_"
+        prefix = prefix_obj.prefix if isinstance(prefix_obj, _StoragePrefix) else data_file_prefix(self.rank or 0)
         threads = self._threads()
         files = threads
         # tensors an async save's stage() already wrote (over its staging budget) need only their results
@@ -367,10 +370,10 @@ class _DcpioWriter(StorageWriter):
             return
         for full in entries:
             name = str(full).rstrip("/").rsplit("/", 1)[-1]
-            match = _DATA_FILE.match(name)
-            if match is None or name in keep:
+            rank = data_file_rank(name)
+            if rank is None or name in keep:
                 continue
-            if only_rank is not None and int(match.group(1)) != only_rank:
+            if only_rank is not None and rank != only_rank:
                 continue
             try:
                 self.fs.remove_quietly(str(self.fs.concat_path(self.path, name)))

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from typing import Any, TextIO
 
 from dcpio._version import __version__
 from dcpio.errors import CheckpointError, CheckpointExistsError, IncompleteCheckpointError
-from dcpio.names import METADATA_NAME, SAFETENSORS_SUFFIX
+from dcpio.names import METADATA_NAME, SAFETENSORS_SUFFIX, is_dcp_member
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_PROBLEM", "EXIT_USAGE", "build_parser", "entry", "main"]
 
@@ -66,8 +65,6 @@ class UsageError(Exception):
         self.hint = hint
 
 
-# the names of a DCP checkpoint's own files: data files (__0_0.distcp) and per-rank metadata (__0.metadata)
-_DCP_MEMBER = re.compile(r"^__\d+(_\d+.*)?\.(distcp|metadata)$|\.distcp$")
 # botocore's names for "no usable credentials": an environment problem, not a damaged checkpoint
 _CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError", "NoAuthTokenError"})
 
@@ -190,7 +187,7 @@ def _check_path(path: str, command: str) -> None:
         names = os.listdir(path)
         if not names:
             raise UsageError(f"{path} is an empty directory, not a checkpoint; {what}", None)
-        if not any(n == METADATA_NAME or n.endswith(SAFETENSORS_SUFFIX) or _DCP_MEMBER.search(n) for n in names):
+        if not any(n == METADATA_NAME or n.endswith(SAFETENSORS_SUFFIX) or is_dcp_member(n) for n in names):
             raise UsageError(
                 f"{path} holds no checkpoint files (no .metadata, *.distcp or *.safetensors); {what}", None
             )
@@ -198,7 +195,7 @@ def _check_path(path: str, command: str) -> None:
     name = os.path.basename(path)
     if name == METADATA_NAME or name.endswith(SAFETENSORS_SUFFIX):
         return
-    if _DCP_MEMBER.search(name):
+    if is_dcp_member(name):
         folder = os.path.dirname(path) or "."
         raise UsageError(
             f"{path} is one file of the DCP checkpoint in {folder}; "

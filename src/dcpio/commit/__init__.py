@@ -22,8 +22,11 @@ Strategies, chosen from the mover's capability flags by :func:`strategy_for`:
 * :class:`GroupCommit` (HF folders, whose file names are fixed by the ecosystem): every file is staged under its
   ``.tmp`` name, then all are renamed in order, then the index is committed last (see its docstring for what a crash
   at each point leaves).
+* :class:`DirectorySwap` (a command's whole output, ``dcpio convert``): written into a new directory created
+  exclusively beside the destination, fsynced, then swapped in by one ``renameat2(RENAME_EXCHANGE)`` (two renames
+  where the kernel lacks it); files of the old directory the output format does not own are carried over.
 
-Other writers' entry points (``formats/hf.py``, ``tools/convert.py``, consolidation)::
+Other writers' entry points (``formats/hf/``, consolidation)::
 
     from dcpio.commit import GroupCommit, publish_bytes, stage_file
 
@@ -48,6 +51,7 @@ metadata file belongs to.
 
 from __future__ import annotations
 
+from dcpio.commit.directory import DirectorySwap
 from dcpio.commit.lock import SaveConflictError, SaveLock
 from dcpio.commit.strategies import (
     AtomicRenameCommit,
@@ -64,6 +68,7 @@ from dcpio.commit.strategies import (
 __all__ = [
     "AtomicRenameCommit",
     "CommitStrategy",
+    "DirectorySwap",
     "GroupCommit",
     "PutLastCommit",
     "SaveConflictError",

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from dcpio.errors import CheckpointError, IncompleteCheckpointError
 from dcpio.movers.base import FileSystemBase
-from dcpio.names import METADATA_NAME
+from dcpio.names import METADATA_NAME, per_rank_metadata_rank
 
 __all__ = [
     "GENERATION_PREFIX",
@@ -44,7 +44,6 @@ __all__ = [
 
 GENERATION_PREFIX = "dcpio.save_generation="
 _GEN_BYTES = re.compile(rb"dcpio\.save_generation=(\d{1,18})")
-_RANK_METADATA = re.compile(r"^__(\d{1,9})\.metadata$")
 GLOBAL_METADATA = METADATA_NAME
 # how much of a metadata file's end is searched for the marker (storage_meta holds the checkpoint path, at most a few
 # KiB, then the marker and the version)
@@ -81,9 +80,9 @@ def per_rank_metadata(names: list[str]) -> dict[int, str]:
     """Rank -> file name of every ``__{rank}.metadata`` among ``names``."""
     out: dict[int, str] = {}
     for name in names:
-        match = _RANK_METADATA.match(name)
-        if match:
-            out[int(match.group(1))] = name
+        rank = per_rank_metadata_rank(name)
+        if rank is not None:
+            out[rank] = name
     return out
 
 

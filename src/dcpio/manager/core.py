@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import socket
 import threading
 import time
@@ -23,12 +22,11 @@ from dcpio.errors import CheckpointError, CheckpointExistsError, CheckpointWrite
 from dcpio.manager import policy
 from dcpio.manager.tiers import StepScan, StepWriter, Tier
 from dcpio.manager.upload import Uploader, UploadJob
-from dcpio.names import METADATA_NAME
+from dcpio.names import METADATA_NAME, data_file_rank
 
 __all__ = ["CheckpointManager", "PruneReport", "StepInfo", "list_steps", "prune"]
 
 DEFAULT_GRACE_S = 3600.0
-_DATA_FILE_RANK = re.compile(r"^__(\d+)_\d+(\.[0-9a-f]{8})?\.distcp$")
 
 
 @dataclass(frozen=True)
@@ -530,8 +528,8 @@ class CheckpointManager:
         names = self.local.names(step) if self.local is not None else set()
         out = []
         for name in names:
-            match = _DATA_FILE_RANK.match(name)
-            if match is not None and int(match.group(1)) % self._comm.world == self._comm.rank:
+            rank = data_file_rank(name)
+            if rank is not None and rank % self._comm.world == self._comm.rank:
                 out.append(name)
         return sorted(out)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import errno
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -38,15 +37,13 @@ from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.movers.base import FileSystemBase, PathLike
 from dcpio.movers.fsspec import FsspecFileSystem
 from dcpio.movers.local import FileSystem
-from dcpio.names import DATA_SUFFIX as DEFAULT_SUFFIX
-from dcpio.names import METADATA_NAME, step_name
+from dcpio.names import DATA_SUFFIX, METADATA_NAME, step_name, step_of
 from dcpio.reader import FileSystemReader
 from dcpio.writer import FileSystemWriter
 
 __all__ = ["FileEntry", "StepScan", "Tier", "step_name"]
 
 T = TypeVar("T")
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _COPY_CHUNK = 8 << 20  # bytes per read when uploading a file: large enough for whole S3 parts, small in memory
 
 
@@ -211,11 +208,11 @@ class Tier:
         except (FileNotFoundError, NotADirectoryError):
             return out
         for entry in entries:
-            match = _STEP_DIR.match(entry.name)
+            step = step_of(entry.name)
             try:
-                if match is None or not entry.is_dir():
+                if step is None or not entry.is_dir():
                     continue
-                scan = StepScan(int(match.group(1)), entry.path, dir_mtime=entry.stat().st_mtime)
+                scan = StepScan(step, entry.path, dir_mtime=entry.stat().st_mtime)
                 for f in os.scandir(entry.path):
                     if f.is_file():
                         st = f.stat()
@@ -238,10 +235,9 @@ class Tier:
         out: dict[int, StepScan] = {}
         for path, info in found.items():
             rel = str(path).rstrip("/")[len(base) + 1 :].split("/")
-            match = _STEP_DIR.match(rel[0]) if len(rel) == 2 else None
-            if match is None or info.get("type", "file") != "file":
+            step = step_of(rel[0]) if len(rel) == 2 else None
+            if step is None or info.get("type", "file") != "file":
                 continue
-            step = int(match.group(1))
             scan = out.setdefault(step, StepScan(step, self.path(rel[0])))
             scan.files[rel[1]] = FileEntry(int(info.get("size") or 0), _mtime(info))
         return out
@@ -346,7 +342,7 @@ class StepWriter(FileSystemWriter):
     def _file_name(self, prefix: str, n: int, taken: AbstractSet[str] | None) -> str:
         # always tagged with this save's id: two saves racing for one step never share (and so never remove)
         # each other's data files; only one of them can commit
-        return f"{prefix}{n}.{self.save_id.replace('-', '')[:8]}{DEFAULT_SUFFIX}"
+        return f"{prefix}{n}.{self.save_tag}{DATA_SUFFIX}"
 
     def write_data(self, plan: Any, planner: Any) -> Any:
         future = super().write_data(plan, planner)

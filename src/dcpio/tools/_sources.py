@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +36,14 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from dcpio._torch_compat import flatten_state_dict as torch_flatten
 from dcpio.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
 from dcpio.integrity.extents import check_tiling
-from dcpio.names import DATA_SUFFIX, HF_INDEX_NAME, METADATA_NAME, SAFETENSORS_SUFFIX
+from dcpio.names import (
+    DATA_SUFFIX,
+    HF_INDEX_NAME,
+    METADATA_NAME,
+    SAFETENSORS_SUFFIX,
+    per_rank_metadata_rank,
+    rank_prefix,
+)
 
 __all__ = [
     "DcpSource",
@@ -53,8 +59,6 @@ __all__ = [
 
 #: ``progress(description, completed, total)``: cumulative units (bytes unless said otherwise).
 ProgressFn = Callable[[str, int, int], None]
-
-_RANK_RE = re.compile(r"^__(\d+)_")
 
 
 def is_url(path: str | os.PathLike[str]) -> bool:
@@ -463,7 +467,7 @@ def detect(path: str) -> Detected:
             return Detected("dcp", path)
         if any(n.endswith(SAFETENSORS_SUFFIX) for n in names) or HF_INDEX_NAME in names:
             return Detected("hf", path)
-        if any(n.endswith(DATA_SUFFIX) or re.match(r"^__\d+\.metadata$", n) for n in names):
+        if any(n.endswith(DATA_SUFFIX) or per_rank_metadata_rank(n) is not None for n in names):
             raise IncompleteCheckpointError(
                 f"{path}: data files are here but .metadata is missing: the save never committed, or the "
                 "file was deleted. Save the checkpoint again, or restore .metadata from a good copy."
@@ -497,5 +501,4 @@ def open_source(path: str | os.PathLike[str], storage_options: Mapping[str, Any]
 
 def rank_of(relative_path: str) -> int | None:
     """The rank encoded in a DCP data file name (``__3_0.distcp`` -> 3)."""
-    m = _RANK_RE.match(os.path.basename(relative_path))
-    return int(m.group(1)) if m else None
+    return rank_prefix(os.path.basename(relative_path))

@@ -19,20 +19,17 @@ Keys can be chosen (``only`` / ``exclude`` by prefix) and renamed (``strip_prefi
 Commit: the output is written into a new directory created exclusively beside the destination, made durable, then
 swapped in with renames; the previous output stays intact until the new one is complete, and a failed conversion
 removes only what it created. Files in a destination directory that the output format does not own
-(``config.json``, tokenizer files, ...) are kept. :class:`_StagedOutput` is the seam to the shared commit module.
+(``config.json``, tokenizer files, ...) are kept. The commit is :class:`dcpio.commit.DirectorySwap`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import mmap
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +41,9 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from dcpio._torch_compat import fake_tensor_mode
+from dcpio.commit import DirectorySwap
 from dcpio.errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError, StorageFullError
+from dcpio.names import owned_by_dcp, owned_by_hf
 from dcpio.tools._sources import Entry, ProgressFn, Source, detect, is_url, open_source
 
 __all__ = ["ConvertResult", "convert", "parse_size"]
@@ -176,117 +175,10 @@ def parse_rename(pairs: Sequence[str] | Mapping[str, str] | None) -> tuple[tuple
 
 
 # ----------------------------------------------------------------------------------------------------- commit
-_HF_OWNED = re.compile(r"^(.*\.safetensors|model\.safetensors\.index\.json)(\.tmp)?$")
-_DCP_OWNED = re.compile(r"^(\.metadata|__\d+\.metadata|.*\.distcp)(\.tmp)?$")
 _OWNS: dict[str, Callable[[str], bool]] = {
-    "hf": lambda name: bool(_HF_OWNED.match(name)),
-    "dcp": lambda name: bool(_DCP_OWNED.match(name)),
+    "hf": owned_by_hf,
+    "dcp": owned_by_dcp,
 }
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-
-
-def _fsync_path(path: str, directory: bool) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP):  # some file systems refuse fsync on directories
-            raise
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swap two directory entries atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), a)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    if os.path.islink(src):
-        os.symlink(os.readlink(src), dst)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:  # a file system without hard links: a copy keeps the content just the same
-        shutil.copy2(src, dst)
-
-
-class _StagedOutput:
-    """Write into a new directory created exclusively beside ``dst``, then swap it in.
-
-    The seam to the shared commit module: ``path`` is where the conversion writes, :meth:`commit` publishes and
-    :meth:`abort` removes what was staged. Nothing at ``dst`` changes before :meth:`commit`. A directory output
-    carries over every entry of the old ``dst`` that the format does not own (``owns(name)`` False), then replaces
-    the directory in one atomic exchange where the kernel has it (two renames otherwise).
-    """
-
-    def __init__(self, dst: str, directory: bool, owns: Callable[[str], bool] | None = None) -> None:
-        # a symlinked DST: the output replaces what it points to, and the link keeps pointing there
-        self.dst = os.path.realpath(dst)
-        self.directory = directory
-        self.owns = owns or (lambda _name: True)
-        parent = os.path.dirname(self.dst)
-        os.makedirs(parent, exist_ok=True)
-        self.root = tempfile.mkdtemp(prefix=f".{os.path.basename(self.dst)}.dcpio-stage-", dir=parent)
-        self.path = self.root if directory else os.path.join(self.root, os.path.basename(self.dst))
-
-    def _sync_staged(self) -> None:
-        for here, _dirs, files in os.walk(self.root):
-            for name in files:
-                if not os.path.islink(os.path.join(here, name)):
-                    _fsync_path(os.path.join(here, name), directory=False)
-            _fsync_path(here, directory=True)
-
-    def _carry_over(self) -> None:
-        for name in sorted(os.listdir(self.dst)):
-            if self.owns(name) or os.path.lexists(os.path.join(self.root, name)):
-                continue
-            src, target = os.path.join(self.dst, name), os.path.join(self.root, name)
-            if os.path.isdir(src) and not os.path.islink(src):
-                shutil.copytree(src, target, symlinks=True, copy_function=_link_or_copy)
-            else:
-                _link_or_copy(src, target)
-
-    def commit(self) -> None:
-        parent = os.path.dirname(self.dst)
-        if not self.directory:
-            self._sync_staged()
-            os.replace(self.path, self.dst)
-            _fsync_path(parent, directory=True)
-            os.rmdir(self.root)
-            return
-        exists = os.path.isdir(self.dst)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(self.root, os.stat(self.dst).st_mode & 0o7777 if exists else 0o777 & ~mask)
-        if exists:
-            self._carry_over()
-        self._sync_staged()
-        if not exists:
-            os.rename(self.root, self.dst)
-        elif _exchange(self.root, self.dst):
-            shutil.rmtree(self.root)  # the old output, now under the stage's name
-        else:
-            old = f"{self.root}.old"
-            os.rename(self.dst, old)
-            os.rename(self.root, self.dst)
-            shutil.rmtree(old)
-        _fsync_path(parent, directory=True)
-
-    def abort(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _check_paths(src: str, dst: str) -> None:
@@ -671,7 +563,7 @@ def _write_staged(
     res: ConvertResult,
     dcp_opts: tuple[str | None, str | None],
 ) -> None:
-    stage = _StagedOutput(dst, directory=to != "torch", owns=_OWNS.get(to))
+    stage = DirectorySwap(dst, directory=to != "torch", owns=_OWNS.get(to))
     try:
         with _space_errors(dst, stage.root):
             if to == "torch":

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from dcpio.errors import CheckpointError
+from dcpio.names import DATA_SUFFIX
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -297,7 +298,7 @@ def _crash(run: str, step: int, nbytes: int, timeout: float) -> int:
         while not begun and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
             try:
-                begun = [n for n in os.listdir(target) if n.endswith(".distcp")]
+                begun = [n for n in os.listdir(target) if n.endswith(DATA_SUFFIX)]
             except FileNotFoundError:
                 continue
         if proc.poll() is None:

@@ -10,7 +10,6 @@ read in full and the structure checked.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 
 from dcpio.errors import CheckpointError, CorruptCheckpointError
 from dcpio.integrity.tiles import TILE_ATTRIBUTE, TileChecksums, hash_tiles
+from dcpio.names import HF_INDEX_NAME, METADATA_NAME, is_metadata_name
 from dcpio.tools._sources import (
     DcpSource,
     HfSource,
@@ -31,9 +31,6 @@ from dcpio.tools._sources import (
 )
 
 __all__ = ["Problem", "VerifyReport", "verify_checkpoint"]
-
-# names a DCP directory may hold besides its data files: the commit point and per-rank metadata
-_METADATA_RE = re.compile(r"^(\.metadata|__\d+\.metadata)$")
 
 
 @dataclass
@@ -134,7 +131,7 @@ def _verify_dcp(path: str, report: VerifyReport, progress: ProgressFn | None, op
     storage = src.storage_info()
     names, sizes = _dir_listing(path, opts)
     referenced = {info.relative_path for info in storage.values()}
-    report.unreferenced = sorted(n for n in names if n not in referenced and not _METADATA_RE.match(n))
+    report.unreferenced = sorted(n for n in names if n not in referenced and not is_metadata_name(n))
     report.checksummed = bool(storage) and all(getattr(i, "dcpio_checksum", None) is not None for i in storage.values())
     # whole-file problems first: a missing or short file explains every item error that follows from it
     bad_files = _check_files(storage, sizes, report)
@@ -162,14 +159,14 @@ def _open_dcp(path: str, report: VerifyReport, opts: Mapping[str, Any]) -> DcpSo
         report.problems.append(
             Problem(
                 "metadata",
-                ".metadata",
+                METADATA_NAME,
                 None,
                 f"{path}: .metadata is missing ({_first_line(err)}); "
                 "the save never committed. Save again or restore .metadata from a good copy.",
             )
         )
     except CheckpointError as err:
-        report.problems.append(Problem("metadata", ".metadata", None, _first_line(err)))
+        report.problems.append(Problem("metadata", METADATA_NAME, None, _first_line(err)))
     return None
 
 
@@ -290,7 +287,7 @@ def _hf_listing(path: str, report: VerifyReport) -> tuple[str, list[str], dict[s
     try:
         names, weight_map = list_files(FileSystem(), path)
     except CheckpointError as err:
-        report.problems.append(Problem("metadata", "model.safetensors.index.json", None, _first_line(err)))
+        report.problems.append(Problem("metadata", HF_INDEX_NAME, None, _first_line(err)))
         return None
     if weight_map is not None:
         listed = set(names)
@@ -409,7 +406,7 @@ def verify_checkpoint(
         # a directory with data files but no .metadata is a damaged checkpoint, which verify reports
         if os.path.isdir(path) and "metadata is missing" in str(err):
             report = VerifyReport(path=path, format="dcp")
-            report.problems.append(Problem("metadata", ".metadata", None, _first_line(err)))
+            report.problems.append(Problem("metadata", METADATA_NAME, None, _first_line(err)))
             return report
         raise
     report = VerifyReport(path=found.path, format=found.kind)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -43,7 +42,7 @@ from dcpio.formats.safetensors import (
 from dcpio.integrity.paths import check_plain_name
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import write_error
-from dcpio.names import HF_INDEX_NAME, SAFETENSORS_SUFFIX
+from dcpio.names import HF_INDEX_NAME, SAFETENSORS_SUFFIX, hf_file_name, is_hf_export_file
 from dcpio.tensor_bytes import byte_view, is_dense_cpu
 
 __all__ = [
@@ -79,13 +78,7 @@ CHECKSUMS_KEY = "dcpio_checksums"  # __metadata__ string: JSON tensor name -> "x
 _DIGEST_PREFIX = "xxh3-64:"
 
 
-_SHARD_NO = re.compile(r"^shard-(\d{5})-model-\d{5}-of-\d{5}\.safetensors$")
-
-
 _DCP_VERSION = "1.0"
-
-
-_OWN_NAME = re.compile(r"^(shard-\d{5}-)?model-\d{5}-of-\d{5}\.safetensors(\.tmp)?$")
 
 
 _COPY_BLOCK = 16 << 20  # scratch bytes per strided copy during consolidation
@@ -98,8 +91,7 @@ R = TypeVar("R")
 
 
 def _file_name(index: int, count: int, shard: int | None = None) -> str:
-    base = f"model-{index:05d}-of-{count:05d}{SUFFIX}"
-    return base if shard is None else f"shard-{shard:05d}-{base}"
+    return hf_file_name(index, count, shard)
 
 
 def _join(fs: FileSystemBase, directory: str, name: str) -> str:
@@ -290,7 +282,7 @@ def _remove_stale(fs: FileSystemBase, directory: str, keep: set[str]) -> None:
     except FileNotFoundError:
         return
     for name in names:
-        if _OWN_NAME.match(name) and name not in keep:
+        if is_hf_export_file(name) and name not in keep:
             fs.remove_quietly(_join(fs, directory, name))
 
 

@@ -25,7 +25,6 @@ from dcpio.errors import (
 )
 from dcpio.formats.hf.common import (
     _COPY_BLOCK,
-    _SHARD_NO,
     SUFFIX,
     _check_digest,
     _checksums,
@@ -49,6 +48,7 @@ from dcpio.formats.safetensors import (
 from dcpio.integrity.extents import check_tiling
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
+from dcpio.names import hf_shard_rank
 from dcpio.tensor_bytes import byte_view
 
 __all__ = ["consolidate_safetensors_files", "consolidate_safetensors_files_on_every_rank"]
@@ -109,9 +109,9 @@ def _missing_ranks(files: Sequence[str]) -> list[str]:
     00003 wrote files): a save_distributed folder with a rank's files lost."""
     ranks = set()
     for f in files:
-        m = _SHARD_NO.match(os.path.basename(f))
-        if m:
-            ranks.add(int(m.group(1)))
+        rank = hf_shard_rank(os.path.basename(f))
+        if rank is not None:
+            ranks.add(rank)
     return [f"shard-{r:05d}-*{SUFFIX}" for r in range(1, max(ranks, default=0) + 1) if r not in ranks]
 
 

@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcpio._torch_compat import _StorageInfo
-from dcpio.commit import GroupCommit, stage_file
+from dcpio.commit import GroupCommit, SaveLock, stage_file
 from dcpio.errors import (
     CheckpointWriteError,
     PlanMismatchError,
@@ -124,6 +124,8 @@ class HuggingFaceStorageWriter(StorageWriter):
         self.sync_files = sync_files
         self.save_id = str(uuid.uuid4())
         self.rank: int | None = None
+        self.is_coordinator = False
+        self._lock: SaveLock | None = None
         if self.fqn_to_index_mapping is not None:
             bad = {k: v for k, v in self.fqn_to_index_mapping.items() if not isinstance(v, int) or v < 1}
             if bad:
@@ -150,6 +152,12 @@ class HuggingFaceStorageWriter(StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.rank = kwargs.get("rank")
+        self.is_coordinator = is_coordinator
+
+    def _release_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)
@@ -166,9 +174,22 @@ class HuggingFaceStorageWriter(StorageWriter):
                 f"{not_tensors[:5]}; drop them (or save them with dcpio.FileSystemWriter)"
             )
         self.fs.mkdir(self._data_dir)
+        if self.is_coordinator:
+            # one export per folder at a time: two would unlink each other's staged files (a stale .tmp is
+            # removed before an exclusive create) and mix their shards under one index. The coordinator holds the
+            # folder's lock from here to the index commit; a second export fails here, before any rank writes
+            self._lock = SaveLock(self.fs, self.path, self.save_id)
+            self._lock.acquire()
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        try:
+            return self._global_plan(plans)
+        except BaseException:
+            self._release_lock()  # write_data and finish will not run
+            raise
+
+    def _global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         mapping = self.fqn_to_index_mapping
         if mapping is not None:
             missing = sorted({i.index.fqn for p in plans for i in p.items if i.index.fqn not in mapping})
@@ -218,6 +239,7 @@ class HuggingFaceStorageWriter(StorageWriter):
         try:
             results = _parallel(lambda job: self._write_file(job[0], job[1], planner), jobs, self.thread_count)
         except BaseException:
+            self._release_lock()  # this export is over; finish() will not run
             if not self.save_distributed:  # this save's finished files wait as .tmp for finish(): none is committed
                 for name, _ in jobs:
                     self.fs.remove_quietly(f"{_join(self.fs, self._data_dir, name)}{TEMP_SUFFIX}")
@@ -278,6 +300,12 @@ class HuggingFaceStorageWriter(StorageWriter):
         ]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        try:
+            self._commit(metadata, results)
+        finally:
+            self._release_lock()
+
+    def _commit(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         if self.save_distributed:
             if not self.enable_consolidation:
                 return  # shards of one tensor sit in several files: an index cannot name one file per tensor
