@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dcpio.engine.executor import Verifier, run_tensor_ops
-from dcpio.engine.planner import c_strides, plan_fetches, plan_tensor
+from dcpio.engine.planner import c_strides, copies_whole, plan_fetches, plan_tensor
 from dcpio.engine.requests import (
     Box,
     ByteRange,
@@ -202,6 +202,26 @@ def test_planned_reads_deliver_every_element_and_verify_what_they_read(case: dic
     run_tensor_ops(source, layout, ops, [(box, dest)], check, IOStats(), None)
     # NaN bit patterns are values too: equal as stored, NaN where NaN
     torch.testing.assert_close(dest, _expected(data, layout, box).to(target_dtype), rtol=0, atol=0, equal_nan=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(tensor_cases(), st.booleans())
+def test_copies_whole_is_the_single_read_of_the_storage_the_planner_plans(case: dict[str, object], whole: bool) -> None:
+    """The load's shortcut for small records (copy the stored bytes as they are) is taken exactly when the planner
+    would plan one read of exactly those bytes into the destination."""
+    layout: TensorLayout = case["layout"]  # type: ignore[assignment]
+    box: Box = case["box"]  # type: ignore[assignment]
+    target_dtype, dense = case["target"]  # type: ignore[misc]
+    if whole:  # the whole chunk, into a dense destination of its dtype
+        box, target_dtype, dense = Box((0,) * len(layout.size), layout.size), layout.dtype, True
+    spec = Target(box.lengths, target_dtype, dense)
+    block, base, end = case["checksums"]  # type: ignore[misc]
+    sums = _sums(_file(end + 8), block, base, end)
+    shortcut = copies_whole(layout, box, spec)
+    assert shortcut == (box.lengths == layout.size and target_dtype == layout.dtype and dense)
+    if shortcut and layout.numel:
+        ops = plan_tensor(layout, [(box, spec)], sums, None, case["caps"], case["verify"], "t")  # type: ignore[arg-type]
+        assert len(ops) == 1 and isinstance(ops[0], ReadInto) and ops[0].data == layout.storage
 
 
 @settings(max_examples=200, deadline=None)

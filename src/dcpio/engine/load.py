@@ -30,12 +30,20 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, Read
 from dcpio._runtime import gc_paused, raise_first, run_queued
 from dcpio._torch_compat import _StorageInfo
 from dcpio.engine.executor import NoWindow, Verifier, run_tensor_ops
-from dcpio.engine.planner import plan_fetches, plan_tensor
+from dcpio.engine.planner import copies_whole, plan_fetches, plan_tensor
 from dcpio.engine.requests import Box, ByteRange, Capabilities, Fetch, StoredItem, Target, TensorLayout
 from dcpio.engine.save import item_name
 from dcpio.engine.sources import FileSource, IOStats, MemorySource, Source
 from dcpio.errors import CheckpointError, CorruptCheckpointError, PlanMismatchError
-from dcpio.formats.locate import Expected, check_expected, head_checker, is_record, locate, predict
+from dcpio.formats.locate import (
+    Expected,
+    check_expected,
+    check_predicted_head,
+    head_checker,
+    is_record,
+    locate,
+    predict,
+)
 from dcpio.integrity.checksum import ATTRIBUTE, BlockChecksums
 from dcpio.integrity.tiles import TILE_ATTRIBUTE, TileChecksums
 from dcpio.movers.base import FileSystemBase
@@ -270,7 +278,30 @@ def _run_fetches(fetches: list[Fetch], groups: list[_Group], load: _Load) -> Non
         source.readinto_many(fetch.span.start, [byte_view(buf)])
         memory = MemorySource(fetch.path, fetch.span.start, buf)
         for key in fetch.keys:
-            _serve_fetched(memory, groups[key], load)
+            group = groups[key]
+            _prepare(group, load)
+            if not _copy_whole_record(memory, group, load):
+                _serve_fetched(memory, group, load)
+
+
+def _copy_whole_record(memory: MemorySource, group: _Group, load: _Load) -> bool:
+    """A record dcpio wrote whose one request wants it whole (:func:`~dcpio.engine.planner.copies_whole`): its blocks
+    and head checked, its data copied in one go. False, with nothing done, for any other item. Small records are
+    served by the hundred; the general path's planning costs more than their bytes."""
+    layout = group.predicted
+    if layout is None or layout.head is None or group.sums is None or len(group.requests) != 1:
+        return False
+    req = group.requests[0]
+    target = load.targets[id(req)]
+    box = Box(tuple(req.storage_offsets), tuple(req.lengths))
+    if not copies_whole(layout, box, Target(tuple(target.shape), target.dtype, is_dense_cpu(target))):
+        return False
+    _verify_whole(memory, group, load)  # every block of the item, its head included
+    head = bytes(memory.bytes_at(layout.head))
+    check_predicted_head(head, layout, group.info.length, group.sums, load.opts.verify, memory.path, group.where)
+    if layout.storage.length:
+        byte_view(target)[:] = memory.bytes_at(layout.storage)
+    return True
 
 
 def _wants(group: _Group, load: _Load) -> list[tuple[Box, torch.Tensor]]:
@@ -314,8 +345,7 @@ def _serve_from_file(group: _Group, load: _Load) -> None:
 
 
 def _serve_fetched(memory: MemorySource, group: _Group, load: _Load) -> None:
-    """Serve ``group`` from its whole stored item, already in memory."""
-    _prepare(group, load)
+    """Serve a prepared ``group`` from its whole stored item, already in memory."""
     info = group.info
     if group.is_bytes or info.transform_descriptors:
         _verify_whole(memory, group, load)

@@ -35,7 +35,7 @@ from dcpio.errors import CorruptCheckpointError, PlanMismatchError
 from dcpio.integrity.checksum import BlockChecksums
 from dcpio.integrity.tiles import TileChecksums
 
-__all__ = ["c_strides", "plan_fetches", "plan_tensor", "split"]
+__all__ = ["c_strides", "copies_whole", "plan_fetches", "plan_tensor", "split"]
 
 
 def c_strides(size: Sequence[int]) -> tuple[int, ...]:
@@ -134,6 +134,22 @@ def check_box(layout: TensorLayout, box: Box, target: Target, where: str) -> Non
             f"{where}: destination has shape {list(target.shape)}, the plan reads {list(box.lengths)}; "
             "the state dict's tensor does not match the checkpoint"
         )
+
+
+def copies_whole(layout: TensorLayout, box: Box, target: Target) -> bool:
+    """The request wants a C-contiguous stored chunk whole, into a dense destination of its dtype and shape: its
+    data moves as one copy of ``layout.storage``, the operation :func:`plan_tensor` plans for it (one
+    :class:`ReadInto` of exactly those bytes). Small records fetched by the hundred take this route without building
+    the operation."""
+    return (
+        target.dense
+        and target.dtype == layout.dtype
+        and target.shape == box.lengths == layout.size
+        and not any(box.offsets)
+        and layout.storage_offset == 0
+        and layout.is_c_contiguous
+        and layout.storage.length == layout.numel * layout.dtype.itemsize
+    )
 
 
 def plan_tensor(

@@ -26,7 +26,7 @@ from dcpio.formats import dcp_safetensors
 from dcpio.formats.torch_save import ZIP_MAGIC, TensorRecord, c_strides, parse_tensor_item, parse_verified_head
 from dcpio.integrity.checksum import BlockChecksums
 
-__all__ = ["Expected", "check_expected", "head_checker", "is_record", "locate", "predict"]
+__all__ = ["Expected", "check_expected", "check_predicted_head", "head_checker", "is_record", "locate", "predict"]
 
 # (dtype, chunk sizes) the metadata promises for a stored item; None where it does not say
 Expected = tuple[torch.dtype, tuple[int, ...]] | None
@@ -75,18 +75,26 @@ def check_expected(layout: TensorLayout | TensorRecord, expected: Expected, wher
         )
 
 
+def check_predicted_head(
+    head: bytes, predicted: TensorLayout, item_length: int, sums: BlockChecksums, verify: bool, path: str, where: str
+) -> None:
+    """A predicted record's head bytes: their digest (when verifying), then the layout they describe must be the
+    predicted one."""
+    if verify:
+        sums.check_head(head, path, where)
+    rec = parse_verified_head(head, item_length, where)
+    check_expected(rec, (predicted.dtype, predicted.size), where)
+    if rec.data_length != predicted.storage.length or rec.storage_offset or not rec.is_c_contiguous:
+        raise CorruptCheckpointError(f"{where}: the record's layout does not match its metadata")
+
+
 def head_checker(
     predicted: TensorLayout, item_length: int, sums: BlockChecksums, verify: bool, path: str, where: str
 ) -> Callable[[bytes], None]:
-    """A check of a predicted record's head bytes: its digest (when verifying), then the layout it describes."""
+    """:func:`check_predicted_head` for one record, to be called with its head bytes once they are read."""
 
     def check(head: bytes) -> None:
-        if verify:
-            sums.check_head(head, path, where)
-        rec = parse_verified_head(head, item_length, where)
-        check_expected(rec, (predicted.dtype, predicted.size), where)
-        if rec.data_length != predicted.storage.length or rec.storage_offset or not rec.is_c_contiguous:
-            raise CorruptCheckpointError(f"{where}: the record's layout does not match its metadata")
+        check_predicted_head(head, predicted, item_length, sums, verify, path, where)
 
     return check
 
