@@ -163,6 +163,23 @@ def _iter_block_slices(pieces: Sequence[tuple[int, memoryview]], lo: int, hi: in
             yield view[a - start : b - start]
 
 
+def _mismatch(path: str, lo: int, hi: int, item: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path}: checksum mismatch in bytes [{lo}, {hi}) ({item}): the data on storage is not what was saved (disk "
+        "or transfer corruption). Restore the file from a good copy or load an earlier checkpoint; `dcpio verify` "
+        "lists every damaged tensor."
+    )
+
+
+def _verify_all(checksums: BlockChecksums, data: memoryview, path: str, item: str) -> None:
+    # the whole checksummed range in one buffer (an item fetched whole): block by block, no piece bookkeeping
+    bs, digests = checksums.block_size, checksums.digests
+    for block, lo in enumerate(range(0, len(data), bs)):
+        if xxhash.xxh3_64_digest(data[lo : lo + bs]) != digests[block * _DIGEST : (block + 1) * _DIGEST]:
+            start = checksums.base + lo
+            raise _mismatch(path, start, min(start + bs, checksums.end), item)
+
+
 def verify_pieces(
     checksums: BlockChecksums,
     pieces: Sequence[tuple[int, memoryview]],
@@ -175,6 +192,9 @@ def verify_pieces(
     :class:`CorruptCheckpointError` naming the file, the item and the byte range of the first bad block.
     """
     if not pieces:
+        return
+    if len(pieces) == 1 and pieces[0][0] == checksums.base and len(pieces[0][1]) == checksums.length:
+        _verify_all(checksums, pieces[0][1], path, item)
         return
     first = pieces[0][0]
     last = pieces[-1][0] + len(pieces[-1][1])
@@ -195,9 +215,5 @@ def verify_pieces(
                     state.update(part)
                 digest = state.digest()
             if digest != checksums.digest(block):
-                raise CorruptCheckpointError(
-                    f"{path}: checksum mismatch in bytes [{lo}, {hi}) ({item}): the data on storage is not "
-                    "what was saved (disk or transfer corruption). Restore the file from a good copy or load an "
-                    "earlier checkpoint; `dcpio verify` lists every damaged tensor."
-                )
+                raise _mismatch(path, lo, hi, item)
         block += 1
