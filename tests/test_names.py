@@ -46,6 +46,7 @@ def test_name_patterns_refuse_look_alikes() -> None:
     assert names.owned_by_dcp("__1.metadata.tmp") and not names.owned_by_dcp("config.json")
     assert names.owned_by_hf(names.HF_INDEX_NAME) and names.owned_by_hf("a.safetensors.tmp")
     assert not names.owned_by_hf("config.json") and not names.owned_by_hf("tokenizer.json")
+    assert names.lock_name(None) == names.LOCK_NAME and names.lock_name(3) == "__3.dcpio.lock"
     assert names.step_of(names.step_name(42)) == 42 and names.step_of("step-x") is None
     assert names.hf_file_name(2, 3) == "model-00002-of-00003.safetensors"
     shard = names.hf_file_name(2, 3, shard=4)

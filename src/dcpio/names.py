@@ -23,6 +23,7 @@ __all__ = [
     "is_dcp_member",
     "is_hf_export_file",
     "is_metadata_name",
+    "lock_name",
     "owned_by_dcp",
     "owned_by_hf",
     "per_rank_metadata_name",
@@ -43,6 +44,12 @@ LOCK_NAME = ".dcpio.lock"
 # Hugging Face folders
 SAFETENSORS_SUFFIX = ".safetensors"
 HF_INDEX_NAME = "model.safetensors.index.json"
+
+
+def lock_name(rank: int | None) -> str:
+    """The save lock's name for a collective save (``rank=None``) or a per-rank save (``__<rank>.dcpio.lock``, so
+    the ranks of a ``use_collectives=False`` save do not exclude each other)."""
+    return LOCK_NAME if rank is None else f"__{rank}{LOCK_NAME}"
 
 
 def per_rank_metadata_name(rank: int) -> str:

@@ -27,16 +27,11 @@ from typing import Any
 
 from dcpio.errors import CheckpointError, SaveConflictError
 from dcpio.movers.base import FileSystemBase
-from dcpio.names import LOCK_NAME
+from dcpio.names import LOCK_NAME, lock_name
 
 __all__ = ["LOCK_NAME", "SaveConflictError", "SaveLock", "lock_name"]
 
 _LOCK_READ_LIMIT = 4096
-
-
-def lock_name(rank: int | None) -> str:
-    """The lock file's name for a collective save (``rank=None``) or a per-rank save."""
-    return LOCK_NAME if rank is None else f"__{rank}{LOCK_NAME}"
 
 
 def _alive(pid: int) -> bool:
