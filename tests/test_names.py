@@ -20,7 +20,7 @@ def test_names_match_the_files_a_dcpio_save_writes(tmp_path: Path) -> None:
     assert data and all(names.data_file_rank(f) == 0 for f in data), files
     assert all(names.is_dcp_member(f) and names.owned_by_dcp(f) and not names.owned_by_hf(f) for f in data)
     assert names.METADATA_NAME in files and names.is_metadata_name(names.METADATA_NAME)
-    assert names.data_file_name(0, 0) in data
+    assert names.data_file_name(names.data_file_prefix(0), 0) in data
 
 
 def test_names_match_the_files_stock_torch_writes(tmp_path: Path) -> None:
@@ -37,7 +37,7 @@ def test_names_match_the_files_stock_torch_writes(tmp_path: Path) -> None:
 def test_name_patterns_refuse_look_alikes() -> None:
     assert names.data_file_rank("__3_0.distcp") == 3
     assert names.data_file_rank("__3_0.0123abcd.distcp") == 3
-    assert names.data_file_name(3, 0, "0123abcd") == "__3_0.0123abcd.distcp"
+    assert names.data_file_name(names.data_file_prefix(3), 0, "0123abcd") == "__3_0.0123abcd.distcp"
     for other in ("__3_0.distcp.tmp", "x__3_0.distcp", "__3_0.XYZ.distcp", "__3.metadata", ".metadata"):
         assert names.data_file_rank(other) is None, other
     assert names.per_rank_metadata_rank(names.per_rank_metadata_name(12)) == 12

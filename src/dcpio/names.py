@@ -82,10 +82,11 @@ def data_file_prefix(rank: int) -> str:
     return f"__{rank}_"
 
 
-def data_file_name(rank: int, n: int, save_tag: str | None = None) -> str:
-    """``__<rank>_<n>.distcp``; with ``save_tag`` (8 hex digits of a save id) ``__<rank>_<n>.<tag>.distcp``, the name
-    a save takes when the plain one belongs to an earlier save."""
-    return f"{data_file_prefix(rank)}{n}{'' if save_tag is None else '.' + save_tag}{DATA_SUFFIX}"
+def data_file_name(prefix: str, n: int, save_tag: str | None = None) -> str:
+    """``<prefix><n>.distcp`` (``prefix`` is :func:`data_file_prefix` or the one torch's planner gave); with
+    ``save_tag`` (8 hex digits of a save id) ``<prefix><n>.<tag>.distcp``, the name a save takes when the plain one
+    belongs to an earlier save."""
+    return f"{prefix}{n}{'' if save_tag is None else '.' + save_tag}{DATA_SUFFIX}"
 
 
 def data_file_rank(name: str) -> int | None:
@@ -116,15 +117,19 @@ def is_dcp_member(name: str) -> bool:
     return _DCP_MEMBER.search(name) is not None
 
 
+def _without_temp(name: str) -> str:
+    return name[: -len(TEMP_SUFFIX)] if name.endswith(TEMP_SUFFIX) else name
+
+
 def owned_by_dcp(name: str) -> bool:
     """A file a DCP save writes (or its temporary): what a conversion into a DCP directory may replace."""
-    stem = name[: -len(TEMP_SUFFIX)] if name.endswith(TEMP_SUFFIX) else name
+    stem = _without_temp(name)
     return is_metadata_name(stem) or stem.endswith(DATA_SUFFIX)
 
 
 def owned_by_hf(name: str) -> bool:
     """A file a Hugging Face export writes (or its temporary): safetensors files and the index."""
-    stem = name[: -len(TEMP_SUFFIX)] if name.endswith(TEMP_SUFFIX) else name
+    stem = _without_temp(name)
     return stem.endswith(SAFETENSORS_SUFFIX) or stem == HF_INDEX_NAME
 
 

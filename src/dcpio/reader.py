@@ -44,7 +44,7 @@ from dcpio.errors import (
     IncompleteCheckpointError,
     UnsafeCheckpointError,
 )
-from dcpio.integrity.paths import check_relative_path, check_stays_inside
+from dcpio.integrity.paths import check_relative_path, check_stays_inside, confined
 from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.movers.adapter import as_mover
 from dcpio.movers.base import FileSystemBase
@@ -251,8 +251,7 @@ class FileSystemReader(StorageReader):
             for index, info in storage.items():
                 files.setdefault(info.relative_path, index.fqn)
             for rel, fqn in files.items():
-                if local_root is not None:
-                    check_stays_inside(local_root, rel, f"{root}/{METADATA_NAME}: item '{fqn}'")
+                confined(local_root, rel, f"{root}/{METADATA_NAME}: item '{fqn}'")
         else:
             self._check_storage_data(storage, root, local_root)
         self.storage_data = storage

@@ -45,7 +45,7 @@ from dcpio import knobs
 from dcpio._torch_compat import _copy_state_dict, _create_cpu_state_dict
 from dcpio.engine import FileJob, WriteOptions, write_files
 from dcpio.errors import CheckpointExistsError
-from dcpio.names import METADATA_NAME, data_file_name
+from dcpio.names import METADATA_NAME, data_file_name, data_file_prefix
 
 __all__ = ["DcpioStager", "take_prewritten"]
 
@@ -354,6 +354,6 @@ def _overflow_jobs(fs: Any, root: Any, overflow: list[_Overflow], threads: int) 
     jobs = []
     for n, items in enumerate(buckets):
         # numbered far above the per-save files write_data creates (one per thread), so the names never meet
-        name = data_file_name(rank, 100_000 + n, tag)
+        name = data_file_name(data_file_prefix(rank), 100_000 + n, tag)
         jobs.append(FileJob(name, str(fs.concat_path(root, name)), tuple(items)))
     return jobs

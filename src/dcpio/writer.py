@@ -54,7 +54,14 @@ from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.movers.adapter import as_mover
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
-from dcpio.names import DATA_SUFFIX, METADATA_NAME, data_file_prefix, data_file_rank, per_rank_metadata_name
+from dcpio.names import (
+    DATA_SUFFIX,
+    METADATA_NAME,
+    data_file_name,
+    data_file_prefix,
+    data_file_rank,
+    per_rank_metadata_name,
+)
 from dcpio.staging import DcpioStager, take_prewritten
 from dcpio.transforms import StreamTransformExtension
 
@@ -237,11 +244,11 @@ class _DcpioWriter(StorageWriter):
         return self.thread_count if self.thread_count is not None else knobs.default_io_threads()
 
     def _file_name(self, prefix: str, n: int, taken: Set[str] | None) -> str:
-        name = f"{prefix}{n}{DATA_SUFFIX}"
+        name = data_file_name(prefix, n)
         exists = (name in taken) if taken is not None else self.fs.exists(self.fs.concat_path(self.path, name))
         if exists:
             # the name belongs to an earlier save (perhaps the committed one): never write over it
-            name = f"{prefix}{n}.{self.save_tag}{DATA_SUFFIX}"
+            name = data_file_name(prefix, n, self.save_tag)
         return name
 
     def _existing_names(self) -> set[str]:

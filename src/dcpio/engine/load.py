@@ -115,9 +115,7 @@ class _Load:
     """What every task of one load shares."""
 
     opts: ReadOptions
-    sources: SourceCache
-    caps: dict[str, Capabilities]
-    sizes: dict[str, int]
+    files: dict[str, FileSource]  # every file the load reads, opened once (capabilities and size asked then)
     targets: dict[int, torch.Tensor]
     stats: IOStats
     byte_data: dict[int, bytes] = field(default_factory=dict)
@@ -176,7 +174,7 @@ def _prepare(group: _Group, load: _Load) -> None:
     """Check the item against its file, read its checksum records and predict its layout. Runs on the worker
     that serves the item: per item it is Python work under the GIL, which overlaps the other workers' reads."""
     info, where = group.info, group.where
-    size = load.sizes[group.path]
+    size = load.files[group.path].size()
     if info.offset + info.length > size:
         raise CorruptCheckpointError(
             f"{where}: the item spans bytes [{info.offset}, {info.offset + info.length}) but {group.path} has "
@@ -201,18 +199,17 @@ def read_plan(
     groups = _group(items, storage_data, fs, opts.root)
     stats = IOStats(items=len(groups), files=len({g.path for g in groups}))
     sources = SourceCache(fs, stats)
-    load = _Load(opts, sources, {}, {}, {}, stats)
+    load = _Load(opts, {}, {}, stats)
     try:
         for group in groups:
             if not group.is_bytes:
                 for req in group.requests:
                     _resolve_target(req, planner, load)
         stored = [_stored(group) for group in groups]
-        opened = {path: sources(path) for path in {item.path for item in stored}}
-        load.caps = {path: source.caps for path, source in opened.items()}  # asked once per file
-        load.sizes = {path: source.size() for path, source in opened.items()}
+        load.files = {path: sources(path) for path in {item.path for item in stored}}
         located = {g.key for g in groups if _head_recorded(g)}
-        fetches, in_place = plan_fetches(stored, load.caps, located)
+        caps = {path: source.caps for path, source in load.files.items()}
+        fetches, in_place = plan_fetches(stored, caps, located)
         with gc_paused():
             errors = run_queued(_tasks(fetches, in_place, groups, load), opts.threads, name="dcpio-r")
             if not errors:
@@ -232,7 +229,7 @@ def _tasks(
     # fetches are one task: serving small items is Python work under the GIL, done by one thread while the others
     # run the large reads (which release it); split, every thread would start with GIL-bound work at once. On object
     # stores, four tasks per thread, each waiting on the network
-    on_store = any(c.request_bound for c in load.caps.values())
+    on_store = any(source.caps.request_bound for source in load.files.values())
     batches = max(1, load.opts.threads) * 4 if on_store else 1
     per_batch = max(1, -(-len(fetches) // batches))
     tasks: list[Callable[[], None]] = [
@@ -273,7 +270,7 @@ def _resolve_target(req: ReadItem, planner: LoadPlanner, load: _Load) -> None:
 
 def _run_fetches(fetches: list[Fetch], groups: list[_Group], load: _Load) -> None:
     for fetch in fetches:
-        source = load.sources(fetch.path)
+        source = load.files[fetch.path]
         buf = thread_scratch("span", fetch.span.length)
         source.readinto_many(fetch.span.start, [byte_view(buf)])
         memory = MemorySource(fetch.path, fetch.span.start, buf)
@@ -334,14 +331,14 @@ def _serve_in_place(group: _Group, load: _Load) -> None:
 
 def _serve_from_file(group: _Group, load: _Load) -> None:
     """Serve a prepared item by reading its file where the item's bytes are."""
-    source = load.sources(group.path)
+    source = load.files[group.path]
     verify = load.opts.verify
     layout = group.predicted
     if layout is None:
         fqn = group.requests[0].storage_index.fqn
         layout = locate(source, group.info, fqn, group.sums, verify, group.where)
         check_expected(layout, load.opts.expected(group.requests[0].storage_index), group.where)
-    _execute(source, layout, group, load, load.caps[group.path], verify)
+    _execute(source, layout, group, load, source.caps, verify)
 
 
 def _serve_fetched(memory: MemorySource, group: _Group, load: _Load) -> None:
@@ -405,7 +402,7 @@ def _serve_decoded(raw: bytes, group: _Group, load: _Load) -> None:
 def _serve_after_frames(group: _Group, load: _Load, decode_error: CheckpointError | None) -> None:
     """torch's SAFETENSORS layout with a stream transform: an empty frame stands where the tensor would be, and the
     tensor is in the blob behind the frames."""
-    source = load.sources(group.path)
+    source = load.files[group.path]
     fqn = group.requests[0].storage_index.fqn
     try:
         layout = locate(source, group.info, fqn, group.sums, load.opts.verify, group.where, after_frames=True)
@@ -414,7 +411,7 @@ def _serve_after_frames(group: _Group, load: _Load, decode_error: CheckpointErro
             raise decode_error from None
         raise
     check_expected(layout, load.opts.expected(group.requests[0].storage_index), group.where)
-    _execute(source, layout, group, load, load.caps[group.path], load.opts.verify)
+    _execute(source, layout, group, load, source.caps, load.opts.verify)
 
 
 def _decode(opts: ReadOptions, info: _StorageInfo, stored: bytes, where: str, expected: Expected) -> bytes:

@@ -173,9 +173,9 @@ def _mismatch(path: str, lo: int, hi: int, item: str) -> CorruptCheckpointError:
 
 def _verify_all(checksums: BlockChecksums, data: memoryview, path: str, item: str) -> None:
     # the whole checksummed range in one buffer (an item fetched whole): block by block, no piece bookkeeping
-    bs, digests = checksums.block_size, checksums.digests
+    bs = checksums.block_size
     for block, lo in enumerate(range(0, len(data), bs)):
-        if xxhash.xxh3_64_digest(data[lo : lo + bs]) != digests[block * _DIGEST : (block + 1) * _DIGEST]:
+        if xxhash.xxh3_64_digest(data[lo : lo + bs]) != checksums.digest(block):
             start = checksums.base + lo
             raise _mismatch(path, start, min(start + bs, checksums.end), item)
 

@@ -37,7 +37,7 @@ from dcpio.integrity.safe_pickle import load_metadata
 from dcpio.movers.base import FileSystemBase, PathLike
 from dcpio.movers.fsspec import FsspecFileSystem
 from dcpio.movers.local import FileSystem
-from dcpio.names import DATA_SUFFIX, METADATA_NAME, step_name, step_of
+from dcpio.names import METADATA_NAME, data_file_name, step_name, step_of
 from dcpio.reader import FileSystemReader
 from dcpio.writer import FileSystemWriter
 
@@ -342,7 +342,7 @@ class StepWriter(FileSystemWriter):
     def _file_name(self, prefix: str, n: int, taken: AbstractSet[str] | None) -> str:
         # always tagged with this save's id: two saves racing for one step never share (and so never remove)
         # each other's data files; only one of them can commit
-        return f"{prefix}{n}.{self.save_tag}{DATA_SUFFIX}"
+        return data_file_name(prefix, n, self.save_tag)
 
     def write_data(self, plan: Any, planner: Any) -> Any:
         future = super().write_data(plan, planner)

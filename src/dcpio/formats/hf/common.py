@@ -42,7 +42,7 @@ from dcpio.formats.safetensors import (
 from dcpio.integrity.paths import check_plain_name
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import write_error
-from dcpio.names import HF_INDEX_NAME, SAFETENSORS_SUFFIX, hf_file_name, is_hf_export_file
+from dcpio.names import HF_INDEX_NAME, SAFETENSORS_SUFFIX, is_hf_export_file
 from dcpio.tensor_bytes import byte_view, is_dense_cpu
 
 __all__ = [
@@ -88,10 +88,6 @@ T = TypeVar("T")
 
 
 R = TypeVar("R")
-
-
-def _file_name(index: int, count: int, shard: int | None = None) -> str:
-    return hf_file_name(index, count, shard)
 
 
 def _join(fs: FileSystemBase, directory: str, name: str) -> str:

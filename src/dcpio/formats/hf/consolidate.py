@@ -28,7 +28,6 @@ from dcpio.formats.hf.common import (
     SUFFIX,
     _check_digest,
     _checksums,
-    _file_name,
     _join,
     _list_safetensors,
     _parallel,
@@ -48,7 +47,7 @@ from dcpio.formats.safetensors import (
 from dcpio.integrity.extents import check_tiling
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
-from dcpio.names import hf_shard_rank
+from dcpio.names import hf_file_name, hf_shard_rank
 from dcpio.tensor_bytes import byte_view
 
 __all__ = ["consolidate_safetensors_files", "consolidate_safetensors_files_on_every_rank"]
@@ -210,7 +209,7 @@ def _consolidate(
     by_index: dict[int, list[str]] = {}
     for fqn, index in fqn_to_index_mapping.items():
         by_index.setdefault(index, []).append(fqn)
-    weight_map = {fqn: _file_name(i, count) for fqn, i in fqn_to_index_mapping.items()}
+    weight_map = {fqn: hf_file_name(i, count) for fqn, i in fqn_to_index_mapping.items()}
     total = sum(math.prod(full[f].shape) * full[f].elem for f in full)
     mine = sorted(i for i in by_index if only_indices(i))
     if not mine:
@@ -220,7 +219,7 @@ def _consolidate(
     try:
         _parallel(
             lambda i: _consolidate_file(
-                fs, _join(fs, output_dir, _file_name(i, count)), by_index[i], full, sources, sync
+                fs, _join(fs, output_dir, hf_file_name(i, count)), by_index[i], full, sources, sync
             ),
             mine,
             num_threads,

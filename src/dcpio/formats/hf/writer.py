@@ -56,7 +56,6 @@ from dcpio.formats.hf.common import (
     SHARDED_DIR,
     SHARDING_INFO_KEY,
     _done,
-    _file_name,
     _join,
     _parallel,
     _remove_stale,
@@ -72,7 +71,7 @@ from dcpio.formats.safetensors import (
 )
 from dcpio.movers.base import FileSystemBase
 from dcpio.movers.local import FileSystem
-from dcpio.names import TEMP_SUFFIX
+from dcpio.names import TEMP_SUFFIX, hf_file_name
 
 __all__ = ["HuggingFaceStorageWriter"]
 
@@ -235,7 +234,7 @@ class HuggingFaceStorageWriter(StorageWriter):
         buckets: dict[int, list[WriteItem]] = {}
         for item in plan.items:
             buckets.setdefault(mapping[item.index.fqn] if mapping else 1, []).append(item)
-        jobs = [(_file_name(i, count, shard), items) for i, items in sorted(buckets.items())]
+        jobs = [(hf_file_name(i, count, shard), items) for i, items in sorted(buckets.items())]
         try:
             results = _parallel(lambda job: self._write_file(job[0], job[1], planner), jobs, self.thread_count)
         except BaseException:
